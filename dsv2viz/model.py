@@ -1,0 +1,428 @@
+"""DeepSeek-V2 in plain PyTorch, with a named hook point on every quantity worth studying.
+
+Dimension legend (used in the shape comments):
+    B  batch                     T   new tokens in this call       S   all key positions (cached + new)
+    D  hidden_size (2048)        V   vocab_size (102400)           L   layers (27)
+    H  attention heads (16)      dn  qk_nope_head_dim (128)        dr  qk_rope_head_dim (64)
+    dv v_head_dim (128)          R   kv_lora_rank (512)            E   routed experts (64)
+    K  experts per token (6)     N   routed (token, slot) pairs of one expert
+
+Module and parameter names are the checkpoint's own keys (``model.layers.3.mlp.experts.17.up_proj.weight``),
+so the official safetensors load with no renaming table. Hook point names are the module path plus
+``hook_*`` (``model.layers.3.self_attn.hook_c_kv``); ``model.hook_names()`` lists them.
+
+Attention has two paths that check each other (tests compare them):
+- "naive": decompress per-head keys and values from the latent, then torch's fused
+  scaled_dot_product_attention; used for a prompt when no hook needs the scores or the pattern.
+- "absorb": attend in latent space, folding W_UK into the query and applying W_UV after the weighted
+  sum, as DeepSeek-V3's inference code does; used when decoding against a cache.
+Either path computes scores explicitly, split into their content (nope) and position (rope) parts,
+whenever a hook asks for them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DeepseekV2Config
+from .generation import Generation, Intervention, Prompt, Sampling
+from .hooks import HookedModule, HookPoint
+from .kv_cache import LatentKVCache
+from .tokenizer import Tokenizer
+from .traces import Recording
+
+AttentionImpl = Literal["auto", "naive", "absorb"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, cast back before the weight as the reference does."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding:
+    """YaRN rotary embedding over the rope dims, which the checkpoint stores as interleaved pairs (2i, 2i+1).
+
+    Holds no parameters or buffers (so the model can be built on the meta device); the inverse
+    frequencies are computed once per device on first use.
+    """
+
+    def __init__(self, config: DeepseekV2Config) -> None:
+        self.config = config
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = yarn_inv_freq(self.config).to(device)
+        return self._inv_freq[device]
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of position x frequency, times YaRN's amplitude: each (T, dr/2), fp32."""
+        freqs = torch.outer(positions.float(), self.inv_freq(positions.device))
+        amp = self.config.rope_amplitude
+        return freqs.cos() * amp, freqs.sin() * amp
+
+
+def yarn_inv_freq(config: DeepseekV2Config) -> torch.Tensor:
+    """Per-pair inverse frequencies: trained ones kept for fast pairs, divided by `factor` for slow ones."""
+    d, base = config.qk_rope_head_dim, config.rope_theta
+    extrapolated = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # (dr/2,)
+    y = config.rope_scaling
+    if y is None:
+        return extrapolated
+
+    def correction_dim(rotations: float) -> float:
+        return d * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(y.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(y.beta_slow)), d - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1 where the trained frequency is kept
+    return extrapolated / y.factor * (1 - keep) + extrapolated * keep
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of the last dim of x (..., T, [H,] dr) by position; computed in fp32."""
+    if x.dim() == 4:  # (B, T, H, dr): broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., dr/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention: keys and values come from one shared per-token latent."""
+
+    def __init__(self, config: DeepseekV2Config, layer: int) -> None:
+        super().__init__()
+        c = config
+        self.config, self.layer = c, layer
+        self.impl: AttentionImpl = "auto"
+        H, dq = c.num_attention_heads, c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, H * dq, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, H * dq, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_cache_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+
+        self.hook_q_nope = HookPoint("(B, T, H, dn)")
+        self.hook_q_pe = HookPoint("(B, T, H, dr) roped")
+        self.hook_c_kv = HookPoint("(B, T, R) normalized latent of the new tokens; what the cache stores")
+        self.hook_k_pe = HookPoint("(B, T, dr) roped key shared by all heads; what the cache stores")
+        self.hook_k_nope = HookPoint("(B, S, H, dn) per-head content keys of all positions")
+        self.hook_v = HookPoint("(B, S, H, dv) per-head values of all positions")
+        self.hook_scores_nope = HookPoint("(B, H, T, S) q_nope.k_nope x scale, before the causal mask")
+        self.hook_scores_rope = HookPoint("(B, H, T, S) q_pe.k_pe x scale, before the causal mask")
+        self.hook_scores = HookPoint("(B, H, T, S) nope + rope, before the causal mask")
+        self.hook_pattern = HookPoint("(B, H, T, S) softmax over keys")
+        self.hook_z = HookPoint("(B, T, H, dv) per-head output before o_proj")
+        self.hook_out = HookPoint("(B, T, D)")
+
+    def _needs_scores(self) -> bool:
+        return any(h.active for h in (self.hook_scores_nope, self.hook_scores_rope, self.hook_scores, self.hook_pattern))
+
+    def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split into W_UK (H, dn, R) and W_UV (H, dv, R)."""
+        c = self.config
+        w = self.kv_b_proj.weight.view(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        return w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentKVCache | None
+    ) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        H, dn, dr, R = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
+
+        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, H, -1).split([dn, dr], dim=-1)  # (B, T, H, dn), (B, T, H, dr)
+        q_nope = self.hook_q_nope(q_nope)
+        q_pe = self.hook_q_pe(apply_rope(q_pe, cos, sin))
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([R, dr], dim=-1)  # (B, T, R), (B, T, dr)
+        c_kv = self.hook_c_kv(self.kv_a_layernorm(c_kv))
+        k_pe = self.hook_k_pe(apply_rope(k_pe, cos, sin))
+        past = 0
+        if cache is not None:
+            past = cache.length
+            c_kv, k_pe = cache.write(self.layer, c_kv, k_pe)  # (B, S, R), (B, S, dr)
+        S = c_kv.shape[1]
+
+        impl = self.impl if self.impl != "auto" else ("absorb" if past > 0 else "naive")
+        w_uk, w_uv = self._kv_b()
+        if impl == "naive" or self.hook_k_nope.active or self.hook_v.active:
+            k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, dn + c.v_head_dim).split([dn, c.v_head_dim], dim=-1)
+            k_nope, v = self.hook_k_nope(k_nope), self.hook_v(v)  # (B, S, H, dn), (B, S, H, dv)
+
+        scale = c.softmax_scale
+        mask = None if T == 1 else _causal_mask(T, S, past, x.device)  # (T, S) True where allowed
+        if impl == "naive" and not self._needs_scores():
+            qh = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn + dr)
+            kh = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, dr)], dim=-1).transpose(1, 2)
+            z = F.scaled_dot_product_attention(
+                qh, kh, v.transpose(1, 2), attn_mask=None if past == 0 else mask, is_causal=past == 0 and T > 1, scale=scale
+            ).transpose(1, 2)  # (B, T, H, dv)
+        else:
+            if impl == "naive":
+                scores_nope = torch.einsum("bthd,bshd->bhts", q_nope, k_nope) * scale
+            else:  # fold W_UK into the query: q_nope.k_nope == (q_nope W_UK).c_kv
+                q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, R)
+                scores_nope = torch.einsum("bthr,bsr->bhts", q_lat, c_kv) * scale
+            scores_nope = self.hook_scores_nope(scores_nope)
+            scores_rope = self.hook_scores_rope(torch.einsum("bthd,bsd->bhts", q_pe, k_pe) * scale)
+            scores = self.hook_scores(scores_nope + scores_rope)  # (B, H, T, S)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype))
+            if impl == "naive":
+                z = torch.einsum("bhts,bshv->bthv", pattern, v)
+            else:  # weight the latents, then apply W_UV per head
+                o_lat = torch.einsum("bhts,bsr->bthr", pattern, c_kv)  # (B, T, H, R)
+                z = torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
+        z = self.hook_z(z)  # (B, T, H, dv)
+        return self.hook_out(self.o_proj(z.reshape(B, T, -1)))
+
+
+def _causal_mask(T: int, S: int, past: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool: query i (absolute position past + i) sees keys 0 .. past + i."""
+    return torch.arange(S, device=device)[None, :] <= torch.arange(past, past + T, device=device)[:, None]
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). The dense layers, each routed expert and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+        self.hook_out = HookPoint("(..., D) for a routed expert: (N, D), its tokens in (batch, position) order, unweighted")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_out(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class Gate(nn.Module):
+    """The router: fp32 softmax over expert logits, then (group-limited) greedy top-k."""
+
+    def __init__(self, config: DeepseekV2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.hook_logits = HookPoint("(B, T, E) fp32")
+        self.hook_probs = HookPoint("(B, T, E) fp32 softmax of the logits")
+        self.hook_topk_idx = HookPoint("(B, T, K) int64 chosen experts, best first; replace to force routing")
+        self.hook_topk_weights = HookPoint("(B, T, K) fp32 weights of the chosen experts")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        logits = self.hook_logits(F.linear(x.float(), self.weight.float()))
+        probs = self.hook_probs(logits.softmax(dim=-1))
+        if c.topk_method == "group_limited_greedy":
+            grouped = probs.unflatten(-1, (c.n_group, -1))  # (B, T, groups, E / groups)
+            best_groups = grouped.amax(dim=-1).topk(c.topk_group, dim=-1).indices
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(-1, best_groups, True)
+            candidates = grouped.masked_fill(~keep[..., None], 0.0).flatten(-2)
+        else:
+            candidates = probs
+        idx = self.hook_topk_idx(candidates.topk(c.num_experts_per_tok, dim=-1).indices)
+        weights = probs.gather(-1, idx)
+        if c.num_experts_per_tok > 1 and c.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights = weights * c.routed_scaling_factor
+        return idx, self.hook_topk_weights(weights)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: each token goes to K of E routed experts, weighted by the router, plus shared experts."""
+
+    def __init__(self, config: DeepseekV2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.gate = Gate(config)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        if config.n_shared_experts:
+            self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        self.hook_routed_out = HookPoint("(B, T, D) weighted sum of the chosen experts")
+        self.hook_out = HookPoint("(B, T, D) routed + shared")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        idx, weights = self.gate(x)  # (B, T, K) each
+        K = idx.shape[-1]
+        flat_x = x.reshape(-1, D)
+        flat_idx, flat_w = idx.reshape(-1), weights.reshape(-1)
+        order = flat_idx.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
+        routed = torch.zeros(B * T, D, dtype=torch.float32, device=x.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start : start + n]
+            start += n
+            tokens = pairs // K  # (N,)
+            out = self.experts[e](flat_x[tokens])  # (N, D)
+            routed.index_add_(0, tokens, out.float() * flat_w[pairs, None])
+        routed = self.hook_routed_out(routed.view(B, T, D).to(x.dtype))
+        shared = self.shared_experts(x) if self.config.n_shared_experts else 0
+        return self.hook_out(routed + shared)
+
+
+class Block(nn.Module):
+    """One decoder layer: pre-norm MLA and pre-norm MLP (dense or MoE), each added to the residual stream."""
+
+    def __init__(self, config: DeepseekV2Config, layer: int) -> None:
+        super().__init__()
+        self.self_attn = MLA(config, layer)
+        if config.is_moe_layer(layer):
+            self.mlp: nn.Module = MoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hook_resid_pre = HookPoint("(B, T, D) residual stream entering the layer")
+        self.hook_resid_mid = HookPoint("(B, T, D) after attention is added")
+        self.hook_resid_post = HookPoint("(B, T, D) after the MLP is added")
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentKVCache | None
+    ) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        return self.hook_resid_post(x + self.mlp(self.post_attention_layernorm(x)))
+
+
+class DeepseekV2Model(nn.Module):
+    """Embedding, decoder layers and final norm: the checkpoint's ``model.*`` keys."""
+
+    def __init__(self, config: DeepseekV2Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hook_embed = HookPoint("(B, T, D)")
+        self.hook_norm_out = HookPoint("(B, T, D) final-norm output, the input of lm_head")
+
+
+class DeepseekV2ForCausalLM(HookedModule):
+    """The whole language model. ``forward(input_ids, cache)`` returns logits (B, T, V)."""
+
+    def __init__(self, config: DeepseekV2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepseekV2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.hook_logits = HookPoint("(B, T, V)")
+        self.rope = RotaryEmbedding(config)
+        self.tokenizer: Tokenizer | None = None  # set by dsv2viz.load when the folder has one
+        self.setup_hook_names()
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int = 0) -> DeepseekV2ForCausalLM:
+        """Random normal(0, std) weights and unit norms, deterministic in `seed`: for tests and training."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):  # input_layernorm, kv_a_layernorm, model.norm, ...
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def set_attention_impl(self, impl: AttentionImpl) -> None:
+        """Choose the attention path for every layer: "auto" (default), "naive" or "absorb"."""
+        if impl not in ("auto", "naive", "absorb"):
+            raise ValueError(f"attention impl {impl!r}: use 'auto', 'naive' or 'absorb'")
+        for block in self.model.layers:
+            block.self_attn.impl = impl
+
+    def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_tokens: tuple[int, ...] | None = None,
+        chat: bool = False,
+        record: Recording | None = None,
+        interventions: list[Intervention] = (),
+    ) -> Generation:
+        """Start a streaming generation: iterate it for steps, or call ``.run()`` for the finished Trace.
+
+        `prompt` is text, token ids, or chat messages ([{"role": "user", "content": ...}]); `chat=True`
+        formats a text prompt as one user turn. `record` says what the trace keeps (default:
+        ``Recording()``, routing + latents + logits summary); `interventions` are (hook name, function)
+        pairs, e.g. from ``dsv2viz.interventions``, attached only while this generation runs.
+        """
+        sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, stop_tokens)
+        return Generation(self, prompt, sampling, record or Recording(), interventions, chat)
+
+    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> LatentKVCache:
+        """An empty latent KV cache on this model's device and dtype."""
+        return LatentKVCache(self.config, batch_size, capacity, device=self.device, dtype=self.dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: LatentKVCache | None = None, *, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits for `input_ids` (B, T), which continue the tokens in `cache` when one is given.
+
+        The cache's length sets the positions of the new tokens, their rope angles and the causal mask.
+        `last_only` computes logits for the last position only (B, 1, V): what decoding needs.
+        """
+        T = input_ids.shape[1]
+        past = 0
+        if cache is not None:
+            cache.check_room(T)
+            past = cache.length
+        elif T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"{T} tokens exceed the context of {self.config.max_position_embeddings} positions "
+                "(max_position_embeddings); shorten the input"
+            )
+        cos, sin = self.rope.cos_sin(torch.arange(past, past + T, device=input_ids.device))
+        m = self.model
+        x = m.hook_embed(m.embed_tokens(input_ids))
+        for block in m.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        return self.hook_logits(self.lm_head(m.hook_norm_out(m.norm(x))))

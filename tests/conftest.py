@@ -1,0 +1,139 @@
+"""Shared fixtures: small random DeepSeek-V2 checkpoints written by transformers (the reference) or by us."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+#: A tiny config in transformers' spelling; tests override fields. Rope dims interleave, the latent is
+#: narrower than the heads it feeds, and YaRN is on with a short original context (64), so prompts of a
+#: hundred tokens run past it.
+TINY_HF = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=None,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    n_routed_experts=8,
+    n_shared_experts=2,
+    num_experts_per_tok=3,
+    first_k_dense_replace=1,
+    topk_method="greedy",
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=False,
+    routed_scaling_factor=1.0,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+    },
+)
+
+
+def make_hf_model(seed: int = 0, **overrides):
+    """A transformers DeepseekV2ForCausalLM with weights large enough that routing is decisive."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    cfg = DeepseekV2Config(**{**TINY_HF, **overrides})
+    torch.manual_seed(seed)
+    model = DeepseekV2ForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                std = 0.5 if name.endswith("gate.weight") else 0.1
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path: Path):
+    """Factory: save a transformers reference model to a folder; returns (model, folder)."""
+
+    def build(seed: int = 0, **overrides):
+        model = make_hf_model(seed, **overrides)
+        folder = tmp_path / f"hf_{seed}_{len(list(tmp_path.iterdir()))}"
+        model.save_pretrained(folder)
+        return model, folder
+
+    return build
+
+
+def rewrite_config_in_deepseek_format(folder: Path) -> None:
+    """Turn a transformers 5 config.json into DeepSeek's original spelling (rope_theta + rope_scaling)."""
+    raw = json.loads((folder / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    raw["rope_theta"] = rope.pop("rope_theta")
+    rope["type"] = rope.pop("rope_type")
+    raw["rope_scaling"] = rope
+    raw.update(scoring_func="softmax", moe_layer_freq=1, aux_loss_alpha=0.001, seq_aux=True)
+    (folder / "config.json").write_text(json.dumps(raw, indent=2))
+
+
+def tiny_config(**overrides):
+    """The TINY_HF shapes as a dsv2viz config."""
+    from dsv2viz.config import DeepseekV2Config
+
+    raw = {**TINY_HF, **overrides}
+    return DeepseekV2Config.from_dict(raw)
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: a random tiny dsv2viz model in eval mode, fp32, on CPU."""
+    from dsv2viz.model import DeepseekV2ForCausalLM
+
+    def build(seed: int = 0, std: float = 0.15, **overrides):
+        return DeepseekV2ForCausalLM(tiny_config(**overrides)).init_weights(std=std, seed=seed).eval().requires_grad_(False)
+
+    return build
+
+
+def peak_rss_growth(setup: str, work: str) -> tuple[int, str]:
+    """Run `setup`, then `work`, in a fresh Python process: (bytes its peak RSS grew during `work`, what it printed).
+
+    Peak RSS is VmHWM from /proc/self/status, not getrusage's ru_maxrss: Linux carries the parent's
+    (pytest's, often large) peak over into a spawned child's ru_maxrss, which would hide the child's growth.
+    """
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = "\n".join(
+        [
+            "import re",
+            "def _peak():",
+            "    return int(re.search(r'VmHWM:\\s*(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024",
+            textwrap.dedent(setup),
+            "_before = _peak()",
+            textwrap.dedent(work),
+            "print('PEAK_GROWTH', _peak() - _before)",
+        ]
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=repo, env=env).stdout
+    lines = out.strip().splitlines()
+    return int(lines[-1].split()[1]), "\n".join(lines[:-1])
