@@ -1,0 +1,214 @@
+"""The DeepSeek-V2 tokenizer, read safely from a checkpoint folder, and a helper to write small ones.
+
+A checkpoint folder holds ``tokenizer.json`` (a byte-level BPE that the `tokenizers` library loads
+without any Python code from the checkpoint) and, optionally, ``tokenizer_config.json`` with the
+BOS/EOS strings, ``add_bos_token`` and a Jinja ``chat_template``. We read those plain-data files
+ourselves instead of going through transformers, so loading never runs checkpoint code, and we check
+that the BOS/EOS ids in ``config.json`` are the ids this tokenizer really gives those tokens: a
+mismatch would silently feed the model the wrong start token. Chat templates render in Jinja's
+immutable sandbox. `byte_level_bpe` and `write_tokenizer_files` build small tokenizers in the same
+format, for test checkpoints and demos.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
+DEEPSEEK_EOS = "<｜end▁of▁sentence｜>"
+
+#: DeepSeek-V2's chat format, used when the folder gives no template; unknown roles are an error.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% else %}{{ raise_exception('unknown role ' ~ message['role'] ~ \" (expected system, user or assistant)\") }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder, its configuration or a chat conversation is unusable."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _read_json(path: Path) -> tuple[str, Any]:
+    """The text of a JSON file and its parsed value."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        return text, json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path} is not valid JSON: {e}") from e
+
+
+def _token_text(value: Any) -> str | None:
+    """A token as tokenizer_config.json writes it: a plain string or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """DeepSeek-V2's byte-level BPE tokenizer with its BOS/EOS handling and chat template."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, *, bos_token: str, eos_token: str,
+                 add_bos_token: bool = True, chat_template: str | None = None, source: str = "tokenizer"):
+        """Wrap a loaded `tokenizers.Tokenizer`; `source` names where it came from, for error messages."""
+        self._tok = tokenizer
+        self._bos_token, self._eos_token = bos_token, eos_token
+        self.add_bos_token = add_bos_token
+        self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+        self._bos_id, self._eos_id = (self._id_of(t, source) for t in (bos_token, eos_token))
+
+    def _id_of(self, token: str, source: str) -> int:
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"{source} has no token {token!r}")
+        return token_id
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike, *, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None) -> Tokenizer:
+        """Load ``tokenizer.json`` (+ optional ``tokenizer_config.json``) from a checkpoint folder.
+
+        `bos_token_id` / `eos_token_id` are config.json's ids; when given they must match the ids the
+        tokenizer gives the BOS/EOS strings. Without tokenizer_config.json, BOS/EOS are the tokens at
+        those ids, or DeepSeek's strings when no ids are given.
+        """
+        folder = Path(path)
+        tok_path, cfg_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
+        if not tok_path.is_file():
+            raise TokenizerError(f"{tok_path} not found: a tokenizer folder needs tokenizer.json "
+                                 "(the `tokenizers` library's serialized tokenizer)")
+        try:
+            tok = tokenizers.Tokenizer.from_str(_read_json(tok_path)[0])
+        except Exception as e:  # the Rust library raises a bare Exception
+            raise TokenizerError(f"{tok_path} is not a tokenizers tokenizer: {e}") from e
+        cfg = _read_json(cfg_path)[1] if cfg_path.is_file() else {}
+        if not isinstance(cfg, dict):
+            raise TokenizerError(f"{cfg_path} must hold a JSON object")
+        specials = {}
+        for name, given_id, fallback in (("bos", bos_token_id, DEEPSEEK_BOS), ("eos", eos_token_id, DEEPSEEK_EOS)):
+            text = _token_text(cfg.get(f"{name}_token"))
+            if text is None:
+                text = tok.id_to_token(given_id) if given_id is not None else fallback
+            actual = tok.token_to_id(text) if text is not None else None
+            if given_id is not None and actual != given_id:
+                raise TokenizerError(f"config.json says {name}_token_id={given_id}, but {tok_path} gives "
+                                     f"{name} token {text!r} id {actual}")
+            specials[f"{name}_token"] = text
+        return cls(tok, **specials, add_bos_token=bool(cfg.get("add_bos_token", True)),
+                   chat_template=cfg.get("chat_template"), source=str(tok_path))
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens the tokenizer knows, added tokens included (may be below the model's vocab_size)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token(self) -> str:
+        return self._bos_token
+
+    @property
+    def eos_token(self) -> str:
+        return self._eos_token
+
+    @property
+    def bos_token_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._eos_id
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids for `text`; BOS first if `add_bos` (None: the config's add_bos_token), never twice."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        add = self.add_bos_token if add_bos is None else add_bos
+        return [self._bos_id, *ids] if add and not text.startswith(self._bos_token) else ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids`."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_texts(self, ids: Iterable[int]) -> list[str]:
+        """The readable text each token contributes, for labelling plots ('Ġ' shows as ' ').
+
+        A token holding only part of a multi-byte UTF-8 character shows that part as U+FFFD ('�'),
+        so these texts join back to `decode(ids)` only when no character is split across tokens.
+        """
+        return [self._tok.decode([i], skip_special_tokens=False) for i in ids]
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render a conversation with the folder's chat template (DeepSeek-V2's by default), sandboxed."""
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise TokenizerError(f"message {i} needs a 'role' string: {message!r}")
+            if not isinstance(message.get("content"), str):
+                raise TokenizerError(f"message {i} ({message['role']}) needs a 'content' string")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.globals["raise_exception"] = _raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, bos_token=self._bos_token, eos_token=self._eos_token,
+                add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # the template is checkpoint data and may fail any way it likes
+            raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from e
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered conversation; the template's BOS is not doubled."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+
+def byte_level_bpe(texts: Iterable[str] | None, vocab_size: int, bos_token: str = DEEPSEEK_BOS,
+                   eos_token: str = DEEPSEEK_EOS) -> tokenizers.Tokenizer:
+    """A byte-level BPE like DeepSeek's, trained on `texts`, with at most `vocab_size` tokens in all.
+
+    Ids 0..255 are the 256 byte symbols, then the merges learned from `texts` (none when `texts`
+    is None or empty), then BOS and EOS, so an untrained one has BOS 256 and EOS 257.
+    """
+    if vocab_size < 258:
+        raise ValueError(f"vocab_size must be at least 258 (256 bytes + BOS + EOS), got {vocab_size}")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts or [], trainer=trainer)
+    tok.add_special_tokens([bos_token, eos_token])
+    return tok
+
+
+def write_tokenizer_files(folder: str | os.PathLike, tokenizer: tokenizers.Tokenizer, *, bos_token: str,
+                          eos_token: str, chat_template: str | None = None) -> None:
+    """Write ``tokenizer.json`` and a ``tokenizer_config.json`` shaped like DeepSeek's official one.
+
+    Without `chat_template` the config has none, and readers fall back to DeepSeek-V2's format.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+    def added(content: str) -> dict:
+        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True,
+                "rstrip": False, "single_word": False}
+
+    cfg: dict[str, Any] = {"add_bos_token": True, "add_eos_token": False, "bos_token": added(bos_token),
+                           "eos_token": added(eos_token), "clean_up_tokenization_spaces": False,
+                           "tokenizer_class": "PreTrainedTokenizerFast"}
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8")
