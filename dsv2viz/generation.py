@@ -1,0 +1,256 @@
+"""Streaming generation with the latent cache, recording a trace step by step.
+
+``model.generate(prompt, ...)`` returns a :class:`Generation`. Iterating it yields one :class:`Step` per
+new token as soon as the model has processed it (so the step carries that token's own routing, latent
+and attention), which is what a live dashboard shows. ``stop()`` (thread-safe) ends it between two
+steps; ``run()`` drives it to the end and returns the :class:`Trace`. Hooks (the recorder's and the
+interventions') are attached for the generation only and removed when it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+
+from .hooks import NameFilter
+from .traces.recorder import Recorder
+from .traces.recording import Recording
+from .traces.trace import Trace
+
+if TYPE_CHECKING:
+    from .model import DeepseekV2ForCausalLM
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+Intervention = tuple[NameFilter, Callable]
+
+#: Largest score tensor (heads x query rows x keys) one layer may build while a prompt is read with its
+#: pattern asked for; longer prompts are read in chunks of query rows to stay under it.
+SCORE_ELEMENTS_PER_CHUNK = 2**25
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn. temperature 0 is greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None  # keep the k likeliest tokens
+    top_p: float | None = None  # keep the smallest set whose probability reaches p
+    seed: int | None = None
+    stop_tokens: tuple[int, ...] | None = None  # default: the tokenizer's EOS
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+    def choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+        """Pick the next token from fp32 logits (V,)."""
+        if self.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / self.temperature
+        if self.top_k is not None:
+            kth = logits.topk(min(self.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None:
+            sorted_logits, order = logits.sort(descending=True)
+            before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of better tokens
+            drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(0, order, before >= self.top_p)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@dataclass
+class Step:
+    """One generated token, after the model has processed it."""
+
+    index: int  # 0 for the first new token
+    position: int  # its position in the sequence
+    token_id: int
+    text: str
+    probability: float  # of this token under the distribution it was drawn from (temperature 1, unfiltered)
+    record: dict[str, torch.Tensor]  # this token's slice of the trace: experts (M, K), weights (M, K), ...
+
+
+class Generation:
+    """A generation in progress: iterate for Steps, `stop()` to end early, `trace` for what is recorded."""
+
+    def __init__(
+        self,
+        model: DeepseekV2ForCausalLM,
+        prompt: Prompt,
+        sampling: Sampling,
+        recording: Recording,
+        interventions: Iterable[Intervention] = (),
+        chat: bool = False,
+    ) -> None:
+        self.model, self.sampling, self.recording = model, sampling, recording
+        self.interventions = list(interventions)
+        self.prompt_ids = encode_prompt(model, prompt, chat)
+        P, N = len(self.prompt_ids), sampling.max_new_tokens
+        if P == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        context = model.config.max_position_embeddings
+        if P + N > context:
+            raise ValueError(
+                f"prompt of {P} tokens + max_new_tokens={N} exceeds the context of {context} positions; "
+                "shorten the prompt or ask for fewer tokens"
+            )
+        value_bytes = torch.finfo(model.dtype).bits // 8
+        recording.check_budget(model.config, P, N, value_bytes)  # before any work
+        self.recorder = Recorder(model, recording)
+        self.token_ids: list[int] = list(self.prompt_ids)
+        self.texts: list[str] = token_texts(model, self.prompt_ids)
+        self.top: list[tuple[torch.Tensor, torch.Tensor]] = []  # per new token: (top ids, top probs)
+        self.logprobs: list[torch.Tensor] = []
+        self.finish_reason: str | None = None  # "length", "stop_token" or "stopped" once ended
+        self._stop = threading.Event()
+        self._started = False
+
+    def stop(self) -> None:
+        """Ask the generation to end before its next step (safe to call from another thread)."""
+        self._stop.set()
+
+    def run(self) -> Trace:
+        """Generate to the end and return the trace."""
+        for _ in self:
+            pass
+        return self.trace
+
+    def __iter__(self) -> Iterator[Step]:
+        if self._started:
+            raise RuntimeError("this generation has already run; call model.generate again")
+        self._started = True
+        return self._steps()
+
+    def _steps(self) -> Iterator[Step]:
+        model, s, rec = self.model, self.sampling, self.recorder
+        stop_tokens = set(s.stop_tokens if s.stop_tokens is not None else self._default_stop())
+        gen = torch.Generator(device="cpu").manual_seed(s.seed) if s.seed is not None else None
+        cache = model.new_cache(1, capacity=len(self.prompt_ids) + s.max_new_tokens)
+        remove = [model.add_hook(f, fn) for f, fn in self.interventions]
+        remove += [model.add_hook(f, fn) for f, fn in rec.hooks()]
+        try:
+            logits = self._prefill(cache)
+            for index in range(s.max_new_tokens):
+                if self._stop.is_set():
+                    self.finish_reason = "stopped"
+                    return
+                probs = logits.softmax(-1)
+                token = s.choose(logits, gen)
+                self._keep_distribution(probs)
+                self.token_ids.append(token)
+                self.texts += token_texts(model, [token])
+                with torch.no_grad():
+                    logits = model(torch.tensor([[token]], device=model.device), cache, last_only=True)[0, -1].float()
+                yield Step(index, len(self.token_ids) - 1, token, self.texts[-1], float(probs[token]), self._last_record())
+                if token in stop_tokens:
+                    self.finish_reason = "stop_token"
+                    return
+            self.finish_reason = "length"
+        finally:
+            for r in remove:
+                r()
+            if self.finish_reason is None:  # closed from outside, or an error
+                self.finish_reason = "stopped"
+
+    def _default_stop(self) -> list[int]:
+        tok = self.model.tokenizer
+        eos = tok.eos_token_id if tok is not None else self.model.config.eos_token_id
+        return [] if eos is None else [eos]
+
+    def _prefill(self, cache) -> torch.Tensor:
+        """Read the prompt, in chunks of query rows when the scores of a long prompt would be too large."""
+        ids = torch.tensor([self.prompt_ids], device=self.model.device)
+        P, H = ids.shape[1], self.model.config.num_attention_heads
+        chunk = P
+        if self.recording.attention != "none":
+            chunk = max(1, min(P, SCORE_ELEMENTS_PER_CHUNK // (H * P)))
+        for start in range(0, P, chunk):
+            self.recorder.want_rows = start + chunk >= P
+            with torch.no_grad():
+                logits = self.model(ids[:, start : start + chunk], cache, last_only=True)
+        return logits[0, -1].float()
+
+    def _keep_distribution(self, probs: torch.Tensor) -> None:
+        k = self.recording.top_logits
+        if k:
+            top = probs.topk(min(k, probs.numel()))
+            self.top.append((top.indices.cpu(), top.values.cpu()))
+        if self.recording.full_logits:
+            self.logprobs.append(probs.log().cpu())
+
+    def _last_record(self) -> dict[str, torch.Tensor]:
+        """The newest token's slice of each recorded quantity (small; copied to the CPU)."""
+        c, out = self.recorder.chunks, {}
+        moe = self.model.config.moe_layers
+        if self.recording.routing and moe:
+            out["experts"] = torch.stack([c[f"topk_idx.{layer}"][-1][-1] for layer in moe]).cpu()
+            out["weights"] = torch.stack([c[f"topk_weights.{layer}"][-1][-1] for layer in moe]).cpu()
+        if self.recording.latents:
+            L = self.model.config.num_hidden_layers
+            out["latent_norms"] = torch.stack([c[f"c_kv.{layer}"][-1][-1].float().norm() for layer in range(L)]).cpu()
+        if self.recording.residual_norms:
+            out["resid_norms"] = torch.stack([c[f"resid_norms.{i}"][-1][-1] for i in range(self.model.config.num_hidden_layers + 1)]).cpu()
+        for layer in self.recorder.att_layers:
+            rows = c.get(f"attention.{layer}")
+            if rows:
+                out[f"attention.{layer}"] = rows[-1][:, -1].cpu()  # (h, S)
+        if self.top:
+            out["top_ids"], out["top_probs"] = self.top[-1]
+        return out
+
+    @property
+    def trace(self) -> Trace:
+        """What has been recorded so far (a snapshot; safe to call between steps)."""
+        tensors = self.recorder.tensors()
+        tensors["token_ids"] = torch.tensor(self.token_ids)
+        if self.top:
+            tensors["top_ids"] = torch.stack([i for i, _ in self.top])
+            tensors["top_probs"] = torch.stack([p for _, p in self.top])
+        if self.logprobs:
+            tensors["logprobs"] = torch.stack(self.logprobs)
+        meta: dict[str, Any] = {
+            "sampling": asdict(self.sampling),
+            "interventions": [describe(f, fn) for f, fn in self.interventions],
+            "finish_reason": self.finish_reason,
+        }
+        return Trace(self.model.config, len(self.prompt_ids), list(self.texts), tensors, self.recording, meta)
+
+
+def encode_prompt(model: DeepseekV2ForCausalLM, prompt: Prompt, chat: bool) -> list[int]:
+    """Token ids of a prompt given as text, as ids, or as chat messages (always chat-formatted)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], dict)):
+        if model.tokenizer is None:
+            raise ValueError("this model has no tokenizer (no tokenizer.json in its folder): pass token ids")
+        if isinstance(prompt, str) and not chat:
+            return model.tokenizer.encode(prompt)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return model.tokenizer.encode_chat(messages, add_generation_prompt=True)
+    ids = [int(i) for i in prompt]
+    bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {model.config.vocab_size}")
+    return ids
+
+
+def token_texts(model: DeepseekV2ForCausalLM, ids: Sequence[int]) -> list[str]:
+    if model.tokenizer is None:
+        return [f"<{i}>" for i in ids]
+    return model.tokenizer.token_texts(list(ids))
+
+
+def describe(filter: NameFilter, fn: Callable) -> str:
+    """A JSON-friendly description of an intervention, for the trace's metadata."""
+    what = getattr(fn, "description", None) or getattr(fn, "__qualname__", repr(fn))
+    where = filter if isinstance(filter, str) else (list(filter) if not callable(filter) else getattr(filter, "__name__", "predicate"))
+    return f"{what} at {where}"

@@ -1,0 +1,252 @@
+"""The Trace: everything recorded while a model read a prompt and generated from it, position by position.
+
+Tensors live in one dict keyed by name (a trace is saved as one safetensors file plus one JSON file, no
+pickle); the accessors give them meaning:
+
+    token_ids (S,)              prompt then generated tokens; S = len(trace)
+    topk_idx (M, S, K) int64    routed experts per MoE layer and position, best first (M = MoE layers)
+    topk_weights (M, S, K)      their weights
+    router_probs (M, S, E)      the full router distribution (when recorded)
+    c_kv (L, S, R), k_pe (L, S, dr)           the latent KV (what the cache held)
+    attention.{l} (h, Q, S)     patterns of layer l for the recorded heads, rows at attention.{l}.query_pos (Q,)
+    q_nope.{l} (S, h, dn), q_pe.{l} (S, h, dr), w_uk.{l} (h, dn, R)   queries, to rebuild any pattern
+    top_ids, top_probs (G, k)   per generated token: the k likeliest tokens of the distribution it was drawn from
+    logprobs (G, V)             that whole distribution (when recorded)
+    resid_norms (L + 1, S)      residual-stream norm after the embedding and after each layer
+    routed_norms, shared_norms (M, S)   norms of the routed and the shared experts' outputs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import ConfigError, DeepseekV2Config
+from .recording import Recording
+
+FORMAT = "dsv2viz-trace"
+VERSION = 1
+
+
+class TraceError(ValueError):
+    """A trace folder that is not one, is damaged, or lacks what was asked of it."""
+
+
+@dataclass
+class AttentionView:
+    """One head's attention in one layer: rows are queries, columns keys (positions in the trace)."""
+
+    layer: int
+    head: int
+    query_pos: torch.Tensor  # (Q,)
+    pattern: torch.Tensor  # (Q, S) softmax over keys, zero above the diagonal
+    scores_nope: torch.Tensor | None  # (Q, S) content part of the pre-softmax scores (None if not rebuildable)
+    scores_rope: torch.Tensor | None  # (Q, S) position part; nope + rope = the scores
+
+
+@dataclass
+class Trace:
+    """A recorded generation. Build one with ``model.generate(...)``; reopen a saved one with ``Trace.load``."""
+
+    config: DeepseekV2Config
+    prompt_len: int
+    token_texts: list[str]
+    tensors: dict[str, torch.Tensor]
+    recording: Recording = field(default_factory=Recording)
+    meta: dict[str, Any] = field(default_factory=dict)  # sampling settings, interventions, model name, ...
+
+    # ----- tokens -------------------------------------------------------------------------------------
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return self.tensors["token_ids"]
+
+    def __len__(self) -> int:
+        return len(self.token_texts)
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :].tolist()
+
+    @property
+    def text(self) -> str:
+        """Prompt and generated text, as the token texts joined."""
+        return "".join(self.token_texts)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.config.moe_layers
+
+    def step_of(self, position: int) -> int:
+        """The generation step that processed a position: 0 for the prompt (prefill), i for the i-th new token."""
+        return max(0, position - self.prompt_len + 1)
+
+    # ----- routing ------------------------------------------------------------------------------------
+    def require(self, name: str, how: str) -> torch.Tensor:
+        """The tensor `name`, or a TraceError saying which Recording setting (`how`) records it."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise TraceError(f"this trace has no {name!r}: record it with Recording({how})") from None
+
+    def _moe_row(self, layer: int) -> int:
+        if layer not in self.moe_layers:
+            raise TraceError(f"layer {layer} is not an MoE layer; MoE layers are {self.moe_layers}")
+        return self.moe_layers.index(layer)
+
+    def routing(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(experts (S, K), weights (S, K)) of one MoE layer, best expert first."""
+        row = self._moe_row(layer)
+        return self.require("topk_idx", "routing=True")[row], self.require("topk_weights", "routing=True")[row]
+
+    def router_probs(self, layer: int) -> torch.Tensor:
+        """(S, E) full router distribution of one MoE layer."""
+        return self.require("router_probs", "router_probs=True")[self._moe_row(layer)]
+
+    def routing_df(self):
+        """Tidy routing table: one row per (position, layer, rank) with step, expert, weight and token."""
+        import pandas as pd
+
+        idx, w = self.require("topk_idx", "routing=True"), self.require("topk_weights", "routing=True")
+        M, S, K = idx.shape
+        pos = torch.arange(S)[None, :, None].expand(M, S, K)
+        layer = torch.tensor(self.moe_layers)[:, None, None].expand(M, S, K)
+        rank = torch.arange(K)[None, None, :].expand(M, S, K)
+        df = pd.DataFrame(
+            {
+                "position": pos.flatten().numpy(),
+                "layer": layer.flatten().numpy(),
+                "rank": rank.flatten().numpy(),
+                "expert": idx.flatten().numpy(),
+                "weight": w.float().flatten().numpy(),
+            }
+        )
+        df.insert(0, "step", (df["position"] - self.prompt_len + 1).clip(lower=0))
+        df["token"] = [self.token_texts[p] for p in df["position"]]
+        return df.sort_values(["position", "layer", "rank"], ignore_index=True)
+
+    # ----- latents and attention ----------------------------------------------------------------------
+    def latent(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_kv (S, R), k_pe (S, dr)) of one layer."""
+        return self.require("c_kv", "latents=True")[layer], self.require("k_pe", "latents=True")[layer]
+
+    def attention(self, layer: int, head: int) -> AttentionView:
+        """One head's pattern with its nope and rope parts, rebuilt from queries and latents when recorded.
+
+        Stored patterns are returned as recorded (their parts rebuilt when queries were recorded); with
+        queries but no stored pattern, every query row is rebuilt, so no pattern ever has to be stored.
+        """
+        stored = self.tensors.get(f"attention.{layer}")
+        head_row = self._head_row(head, "attention_heads")
+        rebuilt = self._rebuild(layer, head_row) if f"q_nope.{layer}" in self.tensors else None
+        if stored is None and rebuilt is None:
+            raise TraceError(
+                f"layer {layer}'s attention was not recorded: use Recording(attention='full' or 'last_row', "
+                f"or queries=True) with attention_layers including {layer}"
+            )
+        if stored is not None:
+            query_pos = self.tensors[f"attention.{layer}.query_pos"]
+            pattern = stored[head_row]
+            nope = rope = None
+            if rebuilt is not None:
+                nope, rope = rebuilt[1][query_pos], rebuilt[2][query_pos]
+            return AttentionView(layer, head, query_pos, pattern, nope, rope)
+        pattern, nope, rope = rebuilt
+        return AttentionView(layer, head, torch.arange(len(self)), pattern, nope, rope)
+
+    def _head_row(self, head: int, what: str) -> int:
+        heads = self.recording.heads(self.config)
+        if head not in heads:
+            raise TraceError(f"head {head} was not recorded; {what} were {heads}")
+        return heads.index(head)
+
+    def _rebuild(self, layer: int, head_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pattern, scores_nope, scores_rope), each (S, S), from the recorded queries and latents."""
+        c_kv, k_pe = (t.float() for t in self.latent(layer))
+        q_nope = self.tensors[f"q_nope.{layer}"][:, head_row].float()  # (S, dn)
+        q_pe = self.tensors[f"q_pe.{layer}"][:, head_row].float()  # (S, dr)
+        w_uk = self.tensors[f"w_uk.{layer}"][head_row].float()  # (dn, R)
+        scale = self.config.softmax_scale
+        nope = (q_nope @ w_uk) @ c_kv.T * scale
+        rope = q_pe @ k_pe.T * scale
+        S = len(self)
+        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        pattern = (nope + rope).masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        return pattern, nope, rope
+
+    # ----- saving -------------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``trace.json`` and ``tensors.safetensors`` into `folder` (created if needed)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, folder / "tensors.safetensors")
+        header = {
+            "format": FORMAT,
+            "version": VERSION,
+            "prompt_len": self.prompt_len,
+            "token_texts": self.token_texts,
+            "config": self.config.to_dict(),
+            "recording": dataclasses.asdict(self.recording),
+            "meta": self.meta,
+            "tensors": sorted(self.tensors),
+        }
+        (folder / "trace.json").write_text(json.dumps(header, ensure_ascii=False, indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Trace:
+        """Reopen a saved trace; a folder that is not a dsv2viz trace, or a damaged one, raises TraceError."""
+        folder = Path(folder)
+        head_path, data_path = folder / "trace.json", folder / "tensors.safetensors"
+        if not head_path.is_file():
+            raise TraceError(f"{folder}: no trace.json; not a trace folder (Trace.save writes one)")
+        try:
+            header = json.loads(head_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TraceError(f"{head_path}: damaged, not valid JSON ({e})") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise TraceError(f"{head_path}: not a dsv2viz trace (no format: {FORMAT!r} marker)")
+        if header.get("version") != VERSION:
+            raise TraceError(f"{head_path}: trace format version {header.get('version')}, this dsv2viz reads {VERSION}")
+        if not data_path.is_file():
+            raise TraceError(f"{folder}: tensors.safetensors is missing")
+        try:
+            tensors = load_file(data_path)
+        except (SafetensorError, OSError) as e:
+            raise TraceError(f"{data_path}: damaged ({e})") from None
+        if sorted(tensors) != header.get("tensors"):
+            missing = sorted(set(header.get("tensors", [])) - set(tensors))
+            raise TraceError(f"{data_path}: does not match trace.json (missing {missing[:5]})")
+        try:
+            config = DeepseekV2Config.from_dict(header["config"])
+            recording = Recording(**header["recording"])
+            trace = cls(config, header["prompt_len"], header["token_texts"], tensors, recording, header["meta"])
+        except (KeyError, TypeError, ConfigError) as e:
+            raise TraceError(f"{head_path}: damaged ({type(e).__name__}: {e})") from None
+        if len(trace.token_ids) != len(trace):
+            raise TraceError(f"{folder}: {len(trace.token_ids)} token ids but {len(trace)} token texts")
+        return trace
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Trace):
+            return NotImplemented
+        same_tensors = self.tensors.keys() == other.tensors.keys() and all(
+            self.tensors[k].dtype == other.tensors[k].dtype and torch.equal(self.tensors[k], other.tensors[k])
+            for k in self.tensors
+        )
+        return (
+            same_tensors
+            and (self.config, self.prompt_len, self.token_texts) == (other.config, other.prompt_len, other.token_texts)
+            and dataclasses.asdict(self.recording) == dataclasses.asdict(other.recording)
+            and self.meta == other.meta
+        )
+
+    def __repr__(self) -> str:
+        return f"Trace({len(self)} tokens, prompt {self.prompt_len}, tensors {sorted(self.tensors)})"
