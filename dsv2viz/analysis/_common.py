@@ -1,0 +1,44 @@
+"""What every analysis shares: a trace or a corpus of traces taken as a list, and the entropy of distributions.
+
+A corpus is a list of traces from one model. Per-position results of a corpus concatenate the traces'
+positions in corpus order; tables get a ``trace`` column holding each row's index in the corpus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Union
+
+import pandas as pd
+import torch
+
+from ..traces import Trace
+
+Traces = Union[Trace, Sequence[Trace]]
+
+
+def as_traces(traces: Traces) -> list[Trace]:
+    """`traces` as a list: a single trace becomes a one-trace corpus. Refuses an empty corpus or mixed models."""
+    out = [traces] if isinstance(traces, Trace) else list(traces)
+    if not out:
+        raise ValueError("no traces given: pass a Trace or a non-empty list of them")
+    if any(t.config != out[0].config for t in out[1:]):
+        raise ValueError("these traces come from models of different configurations; analyse them separately")
+    return out
+
+
+def concat_positions(traces: Traces, per_trace: Callable[[Trace], torch.Tensor]) -> torch.Tensor:
+    """`per_trace` (a tensor whose last dim is positions) of each trace, concatenated along positions."""
+    return torch.cat([per_trace(t) for t in as_traces(traces)], dim=-1)
+
+
+def frame_per_trace(traces: Traces, per_trace: Callable[[Trace], pd.DataFrame]) -> pd.DataFrame:
+    """`per_trace` of each trace stacked into one table, with a leading ``trace`` column (index in the corpus)."""
+    frames = [per_trace(t).assign(trace=i) for i, t in enumerate(as_traces(traces))]
+    df = pd.concat(frames, ignore_index=True)
+    return df[["trace"] + [c for c in df.columns if c != "trace"]]
+
+
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Entropy in nats of distributions along `dim` (0 log 0 = 0), computed in float64."""
+    return torch.special.entr(p.double()).sum(dim)
