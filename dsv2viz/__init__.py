@@ -1,0 +1,38 @@
+"""dsv2viz: look inside DeepSeek-V2-Lite: its latent attention, its experts and their router.
+
+    model = dsv2viz.load("/path/to/DeepSeek-V2-Lite")
+    logits, acts = model.run_with_cache(ids, names="*.mlp.gate.hook_topk_idx")
+    trace = model.generate("def fibonacci(n):", 40).run()
+"""
+
+from .checkpoint import CheckpointError
+from .config import DEEPSEEK_V2_LITE, ConfigError, DeepseekV2Config
+from .generation import Generation, Sampling, Step
+from .hooks import ActivationCache, HookError, HookPoint
+from .kv_cache import LatentKVCache
+from .loading import load
+from .model import DeepseekV2ForCausalLM
+from .tokenizer import Tokenizer, TokenizerError
+from .traces import Recording, Trace, TraceBudgetError, TraceError
+
+__all__ = [
+    "DEEPSEEK_V2_LITE",
+    "ActivationCache",
+    "CheckpointError",
+    "ConfigError",
+    "DeepseekV2Config",
+    "DeepseekV2ForCausalLM",
+    "Generation",
+    "HookError",
+    "HookPoint",
+    "LatentKVCache",
+    "Recording",
+    "Sampling",
+    "Step",
+    "Tokenizer",
+    "TokenizerError",
+    "Trace",
+    "TraceBudgetError",
+    "TraceError",
+    "load",
+]

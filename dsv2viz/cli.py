@@ -1,0 +1,131 @@
+"""The ``dsv2viz`` command line.
+
+    dsv2viz info PATH          what a checkpoint holds: config, parameters, shards, KV-cache bytes per token
+    dsv2viz demo [--out DIR]   write a small random-weight checkpoint, load it, and stream a generation with its routing
+
+Errors are one readable line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, open_checkpoint
+from .config import ConfigError, DeepseekV2Config
+from .hooks import HookError
+from .model import DeepseekV2ForCausalLM
+from .tokenizer import TokenizerError
+from .traces import TraceBudgetError, TraceError
+
+USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, HookError, TraceError, TraceBudgetError, OSError, ValueError)
+
+
+def parameter_counts(config: DeepseekV2Config) -> dict[str, int]:
+    """Parameters by part, from a model built on the meta device (no memory, no weights needed)."""
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(config)
+    parts = {"embedding + lm_head": 0, "attention": 0, "dense MLP": 0, "router": 0, "shared experts": 0, "routed experts": 0, "norms": 0}
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name or name.startswith("lm_head"):
+            part = "embedding + lm_head"
+        elif "norm" in name.rsplit(".", 2)[-2]:
+            part = "norms"
+        elif ".self_attn." in name:
+            part = "attention"
+        elif ".mlp.gate." in name:
+            part = "router"
+        elif ".shared_experts." in name:
+            part = "shared experts"
+        elif ".experts." in name:
+            part = "routed experts"
+        else:
+            part = "dense MLP"
+        parts[part] += p.numel()
+    total = sum(parts.values())
+    inactive = 0
+    if config.n_routed_experts:
+        inactive = parts["routed experts"] * (config.n_routed_experts - config.num_experts_per_tok) // config.n_routed_experts
+    embed = config.vocab_size * config.hidden_size
+    return {**parts, "total": total, "active per token": total - inactive, "active per token, less embedding": total - inactive - embed}
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    folder = Path(args.path)
+    config = DeepseekV2Config.from_json(folder)
+    ckpt = open_checkpoint(folder)
+    c = config
+    print(f"checkpoint      {folder}")
+    print(f"layers          {c.num_hidden_layers} ({len(c.moe_layers)} MoE, first {c.first_k_dense_replace} dense), hidden {c.hidden_size}, vocab {c.vocab_size}")
+    q = "plain q_proj" if c.q_lora_rank is None else f"q_lora_rank {c.q_lora_rank}"
+    print(f"attention (MLA) {c.num_attention_heads} heads, {q}, latent {c.kv_lora_rank} + rope key {c.qk_rope_head_dim}, "
+          f"head dims nope {c.qk_nope_head_dim} / rope {c.qk_rope_head_dim} / v {c.v_head_dim}, softmax scale {c.softmax_scale:.4f}")
+    if c.n_routed_experts:
+        print(f"experts (MoE)   {c.n_routed_experts} routed (top {c.num_experts_per_tok}, {c.topk_method}), {c.n_shared_experts} shared, width {c.moe_intermediate_size}")
+    if c.rope_scaling:
+        y = c.rope_scaling
+        print(f"rope            YaRN factor {y.factor:g} over {y.original_max_position_embeddings} positions, context {c.max_position_embeddings}")
+    print("parameters")
+    for part, n in parameter_counts(config).items():
+        print(f"  {part:<34}{n:>18,}")
+    stored = {ckpt.dtype(k) for k in ckpt.keys()}
+    print(f"shards          {len(ckpt.shards)} files, {len(ckpt)} tensors, {ckpt.nbytes / 2**30:.2f} GiB ({', '.join(sorted(str(d).removeprefix('torch.') for d in stored))})")
+    for shard in ckpt.shards:
+        print(f"  {shard.name:<40}{shard.stat().st_size / 2**30:>8.2f} GiB")
+    latent, mha = c.kv_cache_bytes_per_token(2), c.mha_cache_bytes_per_token(2)
+    print(f"KV cache (bf16) {latent:,} bytes/token ({c.kv_cache_dim} values x {c.num_hidden_layers} layers); "
+          f"a standard multi-head cache would hold {mha:,} ({mha / latent:.1f}x)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .loading import load
+    from .random_checkpoint import write_random_checkpoint
+
+    folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dsv2viz-random-"))
+    write_random_checkpoint(folder)
+    model = load(folder, device="cpu", dtype=torch.float32, progress=False)
+    layers = model.config.moe_layers
+    print(f"random-weight checkpoint in {folder}: routing is meaningless until you load trained weights")
+    print(f"generating {args.tokens} tokens after {args.prompt!r}; top-1 expert per MoE layer as each token streams:")
+    print(f"  {'pos':>4} {'token':<10}" + "".join(f"L{layer:<4}" for layer in layers) + "  p(token)")
+    generation = model.generate(args.prompt, args.tokens, temperature=0.8, seed=0)
+    for step in generation:
+        experts = "".join(f"{int(e):<5}" for e in step.record["experts"][:, 0])
+        print(f"  {step.position:>4} {step.text!r:<10}{experts}  {step.probability:.3f}")
+    trace = generation.trace
+    print(f"trace: {len(trace)} tokens, latent KV {model.config.kv_cache_bytes_per_token(4):,} bytes/token in fp32")
+    if args.trace:
+        print(f"saved to {trace.save(args.trace)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv2viz", description="Look inside DeepSeek-V2: latent attention and experts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="describe a checkpoint folder without loading its weights")
+    info.add_argument("path", help="folder with config.json and *.safetensors")
+    info.set_defaults(run=cmd_info)
+    demo = sub.add_parser("demo", help="write a random-weight checkpoint and show its routing")
+    demo.add_argument("--out", help="folder for the checkpoint (default: a new temporary folder)")
+    demo.add_argument("--prompt", default="def fibonacci(n):")
+    demo.add_argument("--tokens", type=int, default=16, help="how many tokens to generate")
+    demo.add_argument("--trace", help="save the recorded trace to this folder")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as e:
+        print(f"dsv2viz {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
