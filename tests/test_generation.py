@@ -235,3 +235,34 @@ def test_head_ablation_latent_patch_and_steering_change_what_they_should(tiny_mo
     diff = acts2["model.layers.2.hook_resid_post"] - plain["model.layers.2.hook_resid_post"]
     torch.testing.assert_close(diff, (2.0 * vector).expand_as(diff), atol=1e-5, rtol=0)
     assert not torch.allclose(steered, clean) and no_hooks_left(model)
+
+
+def test_long_prompts_are_read_in_chunks_that_bound_the_score_tensor(tiny_model, monkeypatch):
+    """With the pattern recorded, no layer ever builds more than SCORE_ELEMENTS_PER_CHUNK scores at once."""
+    import dsv2viz.generation as generation
+
+    model = tiny_model()
+    record = Recording(attention="full", queries=True, attention_layers=[2])
+    whole = model.generate(PROMPT * 3, 4, record=record).run()
+    monkeypatch.setattr(generation, "SCORE_ELEMENTS_PER_CHUNK", 4 * 60 * 8)  # 8 query rows of 60 keys, 4 heads
+    largest = []
+    spy = [("*.hook_scores", lambda x, h: largest.append(x.numel()))]
+    chunked = model.generate(PROMPT * 3, 4, record=record, interventions=spy).run()
+    assert max(largest) <= 4 * 60 * 8 < 4 * 60 * 60
+    assert chunked.generated_ids == whole.generated_ids
+    torch.testing.assert_close(chunked.tensors["attention.2"], whole.tensors["attention.2"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked.tensors["topk_idx"], whole.tensors["topk_idx"], atol=0, rtol=0)
+
+
+def test_chat_prompts_use_the_template(tmp_path):
+    from dsv2viz import load
+    from dsv2viz.random_checkpoint import write_random_checkpoint
+
+    model = load(write_random_checkpoint(tmp_path / "m", dtype=torch.float32), progress=False)
+    tok = model.tokenizer
+    trace = model.generate("hi there", 3, chat=True).run()
+    expected = tok.encode_chat([{"role": "user", "content": "hi there"}])
+    assert trace.token_ids[: trace.prompt_len].tolist() == expected
+    assert tok.decode(expected) == "<｜begin▁of▁sentence｜>User: hi there\n\nAssistant:"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert model.generate(messages, 1).run().token_ids[:-1].tolist() == tok.encode_chat(messages)

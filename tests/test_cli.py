@@ -1,0 +1,55 @@
+"""The command line: `info` reports what the files hold, `demo` streams a generation, errors are one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from safetensors.torch import load_file
+
+from dsv2viz import DEEPSEEK_V2_LITE
+from dsv2viz.cli import main, parameter_counts
+from dsv2viz.random_checkpoint import write_random_checkpoint
+
+
+def test_parameter_counts_of_v2_lite():
+    counts = parameter_counts(DEEPSEEK_V2_LITE)
+    assert counts["total"] == 15_706_484_224
+    parts = {k: v for k, v in counts.items() if not k.startswith(("total", "active"))}
+    assert sum(parts.values()) == counts["total"]
+    assert counts["routed experts"] == 26 * 64 * 3 * 1408 * 2048
+    # 6 of 64 routed experts per token: the published "2.4B active" excludes the embedding
+    assert counts["active per token"] == counts["total"] - counts["routed experts"] * 58 // 64
+    assert 2.4e9 < counts["active per token, less embedding"] < 2.5e9
+
+
+def test_info_reports_what_the_files_hold(tmp_path, capsys):
+    folder = write_random_checkpoint(tmp_path / "m")
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    total = sum(t.numel() for t in load_file(folder / "model.safetensors").values())
+    assert f"{total:,}" in out
+    assert "1 files, " + str(len(load_file(folder / "model.safetensors"))) + " tensors" in out
+    assert "(bfloat16)" in out
+    assert f"{(64 + 16) * 4 * 2:,} bytes/token" in out  # (latent 64 + rope key 16) x 4 layers x 2 bytes
+
+
+def test_errors_are_one_line_and_exit_1(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dsv2viz", "info", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "no config.json" in result.stderr
+
+
+def test_demo_streams_and_saves_a_trace(tmp_path, capsys):
+    from dsv2viz import Trace
+
+    assert main(["demo", "--out", str(tmp_path / "m"), "--tokens", "5", "--trace", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    trace = Trace.load(tmp_path / "t")
+    assert len(trace.generated_ids) == 5
+    rows = [line for line in out.splitlines() if line.strip()[:2].isdigit()]
+    assert len(rows) == 5
+    first_row_experts = [int(x) for x in rows[0].split()[-4:-1]]
+    assert first_row_experts == trace.routing_df().query(f"position == {trace.prompt_len} and rank == 0").expert.tolist()
+    assert trace.text.startswith("<｜begin▁of▁sentence｜>def fibonacci(n):")
