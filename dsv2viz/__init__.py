@@ -3,12 +3,14 @@
     model = dsv2viz.load("/path/to/DeepSeek-V2-Lite")
     logits, acts = model.run_with_cache(ids, names="*.mlp.gate.hook_topk_idx")
     trace = model.generate("def fibonacci(n):", 40).run()
+    dsv2viz.report(trace, "trace.html")
 """
 
 from .checkpoint import CheckpointError
 from .config import DEEPSEEK_V2_LITE, ConfigError, DeepseekV2Config
 from .generation import Generation, Sampling, Step
 from .hooks import ActivationCache, HookError, HookPoint
+from .html_report import report
 from .kv_cache import LatentKVCache
 from .loading import load
 from .model import DeepseekV2ForCausalLM
@@ -35,4 +37,5 @@ __all__ = [
     "TraceBudgetError",
     "TraceError",
     "load",
+    "report",
 ]

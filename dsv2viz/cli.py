@@ -1,7 +1,10 @@
 """The ``dsv2viz`` command line.
 
-    dsv2viz info PATH          what a checkpoint holds: config, parameters, shards, KV-cache bytes per token
-    dsv2viz demo [--out DIR]   write a small random-weight checkpoint, load it, and stream a generation with its routing
+    dsv2viz info PATH                       what a checkpoint holds: config, parameters, shards, KV-cache bytes per token
+    dsv2viz generate --model PATH --prompt TEXT [--trace DIR] [--report FILE]
+                                            stream a generation, record its trace, write its HTML report
+    dsv2viz report TRACE_DIR -o FILE        the HTML report of a saved trace
+    dsv2viz demo [--out DIR]                write a small random-weight checkpoint and stream a generation with its routing
 
 Errors are one readable line on stderr and exit status 1, never a traceback.
 """
@@ -81,6 +84,46 @@ def cmd_info(args: argparse.Namespace) -> None:
           f"a standard multi-head cache would hold {mha:,} ({mha / latent:.1f}x)")
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .html_report import report
+    from .loading import load
+    from .traces import Recording
+
+    model = load(args.model, device=args.device, progress=not args.quiet)
+    layers = [int(x) for x in args.attention_layers.split(",")] if args.attention_layers else None
+    record = Recording(
+        router_probs=True,
+        attention=args.attention,
+        attention_layers=layers,
+        queries=args.attention != "none" or layers is not None,
+        memory_budget=int(args.memory_budget * 2**30),
+    )
+    generation = model.generate(
+        args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, chat=args.chat, record=record,
+    )
+    prompt_text = "".join(generation.texts)
+    print(prompt_text, end="", flush=True)
+    for step in generation:
+        print(step.text, end="", flush=True)
+    print(f"\n[{len(generation.token_ids) - len(generation.prompt_ids)} tokens, finished: {generation.finish_reason}]")
+    trace = generation.trace
+    if args.trace:
+        print(f"trace saved to {trace.save(args.trace)}")
+    if args.report:
+        print(f"report written to {report(trace, args.report, model=model)}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .html_report import report
+    from .loading import load
+    from .traces import Trace
+
+    trace = Trace.load(args.trace)
+    model = load(args.model, progress=False) if args.model else None
+    print(f"report written to {report(trace, args.output, model=model)}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .loading import load
     from .random_checkpoint import write_random_checkpoint
@@ -108,6 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a checkpoint folder without loading its weights")
     info.add_argument("path", help="folder with config.json and *.safetensors")
     info.set_defaults(run=cmd_info)
+    gen = sub.add_parser("generate", help="stream a generation, record its trace, write its report")
+    gen.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="format the prompt as one user turn of the chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--attention", choices=["none", "last_row", "full"], default="none", help="attention patterns to record")
+    gen.add_argument("--attention-layers", help="comma-separated layers whose attention (patterns or queries) to record")
+    gen.add_argument("--memory-budget", type=float, default=2.0, help="GiB the trace may hold")
+    gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    gen.add_argument("--trace", help="save the trace to this folder")
+    gen.add_argument("--report", help="write the HTML report to this file")
+    gen.add_argument("--quiet", action="store_true", help="no loading progress bar")
+    gen.set_defaults(run=cmd_generate)
+    rep = sub.add_parser("report", help="write the HTML report of a saved trace")
+    rep.add_argument("trace", help="a folder written by --trace or Trace.save")
+    rep.add_argument("-o", "--output", required=True, help="the .html file to write")
+    rep.add_argument("--model", help="checkpoint folder, to add the logit lens")
+    rep.set_defaults(run=cmd_report)
     demo = sub.add_parser("demo", help="write a random-weight checkpoint and show its routing")
     demo.add_argument("--out", help="folder for the checkpoint (default: a new temporary folder)")
     demo.add_argument("--prompt", default="def fibonacci(n):")

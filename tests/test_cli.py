@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 from dsv2viz import DEEPSEEK_V2_LITE
@@ -34,11 +35,24 @@ def test_info_reports_what_the_files_hold(tmp_path, capsys):
     assert f"{(64 + 16) * 4 * 2:,} bytes/token" in out  # (latent 64 + rope key 16) x 4 layers x 2 bytes
 
 
-def test_errors_are_one_line_and_exit_1(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dsv2viz", "info", str(tmp_path / "missing")], capture_output=True, text=True)
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["info", "{tmp}/missing"], "no config.json"),
+        (["report", "{tmp}", "-o", "{tmp}/r.html"], "no trace.json; not a trace folder"),
+        (["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "5000"], "exceeds the context of 4096"),
+        (["generate", "--model", "{model}", "--prompt", "x", "--attention", "full", "--memory-budget", "0.000001"],
+         "over its budget"),
+    ],
+)
+def test_errors_are_one_line_and_exit_1(tmp_path, args, message):
+    model = write_random_checkpoint(tmp_path / "m")
+    argv = [a.format(tmp=tmp_path, model=model) for a in args]
+    result = subprocess.run([sys.executable, "-m", "dsv2viz", *argv, *(["--quiet"] if argv[0] == "generate" else [])],
+                            capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
-    assert "no config.json" in result.stderr
+    assert message in result.stderr
 
 
 def test_demo_streams_and_saves_a_trace(tmp_path, capsys):

@@ -239,7 +239,7 @@ def test_head_ablation_latent_patch_and_steering_change_what_they_should(tiny_mo
 
 def test_long_prompts_are_read_in_chunks_that_bound_the_score_tensor(tiny_model, monkeypatch):
     """With the pattern recorded, no layer ever builds more than SCORE_ELEMENTS_PER_CHUNK scores at once."""
-    import dsv2viz.generation as generation
+    from dsv2viz import generation
 
     model = tiny_model()
     record = Recording(attention="full", queries=True, attention_layers=[2])

@@ -1,0 +1,149 @@
+"""One self-contained HTML report with every view of a trace.
+
+The file embeds plotly.js once (nothing is fetched from a CDN: it opens offline, from an e-mail or a
+laptop on a plane) and shows each view the trace's recording allows; a view whose data was not
+recorded says which ``Recording`` setting would have recorded it. All token text is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import plotly.graph_objects as go
+
+from . import analysis, plots
+from .traces import Trace, TraceError
+
+if TYPE_CHECKING:
+    from .model import DeepseekV2ForCausalLM
+
+
+@dataclass
+class Section:
+    title: str
+    why: str  # one sentence: what the view shows and why it matters
+    figure: go.Figure | None = None
+    missing: str | None = None  # what to record to get this view
+
+
+def report(trace: Trace, path: str | os.PathLike, *, model: DeepseekV2ForCausalLM | None = None, title: str | None = None) -> Path:
+    """Write the report of `trace` to `path` (an .html file); `model` adds the logit lens. Returns the path."""
+    path = Path(path)
+    sections = build_sections(trace, model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(trace, sections, title or "dsv2viz trace report"), encoding="utf-8")
+    return path
+
+
+def build_sections(trace: Trace, model: DeepseekV2ForCausalLM | None) -> list[Section]:
+    """Every view the trace supports, in reading order."""
+    out: list[Section] = []
+    moe = trace.moe_layers
+    has = trace.tensors.__contains__
+    if moe and has("topk_idx"):
+        mid = moe[len(moe) // 2]
+        for layer in dict.fromkeys([moe[0], mid, moe[-1]]):
+            out.append(Section(f"Tokens by top-1 expert, layer {layer}",
+                               "Each token coloured by the expert its router ranked first: runs of one colour are text an expert owns.",
+                               plots.token_strip(trace, layer)))
+        last = len(trace) - 1
+        out.append(Section(f"Routing of the last token across layers (position {last})",
+                           "Which experts one token visits layer by layer, and with what weight.",
+                           plots.routing_across_layers(trace, last)))
+        out.append(Section("Expert utilization",
+                           "Tokens per expert and layer; the load-balance figures show idle or overloaded experts.",
+                           plots.utilization_heatmap(analysis.expert_utilization(trace))))
+        out.append(Section(f"Expert co-activation, layer {mid}",
+                           "How often two experts serve the same token: teams of experts show as bright off-diagonal cells.",
+                           plots.coactivation_matrix(analysis.coactivation(trace, mid), mid)))
+        out.append(Section("Routing confidence",
+                           "Margin between the k-th and (k+1)-th expert and routing entropy; marked cells are near-ties a bf16 rounding could flip.",
+                           plots.routing_confidence(trace)))
+        out.append(Section(f"Top tokens per expert, layer {mid}",
+                           "What each expert specializes in: the tokens routed to it most often.",
+                           plots.top_tokens_per_expert(analysis.top_tokens_per_expert(trace, mid))))
+    elif moe:
+        out.append(Section("Routing", "", missing="Recording(routing=True)"))
+    out += _attention_sections(trace)
+    if has("c_kv"):
+        out.append(Section("Latent KV spectrum",
+                           "Singular values of the cached latent c_kv per layer: how many of its dimensions the model really uses.",
+                           plots.latent_spectrum(trace)))
+        out.append(Section("Latent norms", "Norm of each token's cached latent, by layer.", plots.latent_norms(trace)))
+    else:
+        out.append(Section("Latent KV", "", missing="Recording(latents=True)"))
+    out.append(Section("KV-cache memory",
+                       "What this model's latent cache holds against a standard multi-head cache of the same heads.",
+                       plots.kv_cache_memory(trace.config)))
+    if model is not None:
+        frame = analysis.logit_lens(model, trace)
+        out.append(Section("Logit lens", "The next-token guess read off the residual stream after each layer.",
+                           plots.logit_lens(frame, trace.token_texts)))
+    return out
+
+
+def _attention_sections(trace: Trace) -> list[Section]:
+    layers = sorted({int(k.split(".")[1]) for k in trace.tensors if k.startswith(("attention.", "q_nope."))})
+    if not layers:
+        return [Section("Attention", "", missing="Recording(attention='full' or 'last_row', or queries=True)")]
+    out = [Section("Heads overview: entropy", "Mean entropy of each head's attention rows: low is focused, high is diffuse.",
+                   plots.heads_overview(analysis.head_entropy(trace), "entropy"))]
+    try:
+        out.append(Section("Heads overview: rope share",
+                           "How much of each head's score comes from position (rope) rather than content (nope).",
+                           plots.heads_overview(analysis.rope_share(trace), "rope_share")))
+    except TraceError:
+        pass  # rope and nope parts need the queries
+    view = trace.attention(layers[0], trace.recording.heads(trace.config)[0])
+    if view.scores_nope is not None:
+        fig = plots.attention_parts(view, trace.token_texts)
+        why = "One head's pattern and the content (nope) and position (rope) parts of its scores."
+    else:
+        fig = plots.attention_pattern(view, trace.token_texts)
+        why = "One head's attention pattern: each row is a query, each column a key."
+    out.append(Section(f"Attention, layer {view.layer} head {view.head}", why, fig))
+    return out
+
+
+def render(trace: Trace, sections: list[Section], title: str) -> str:
+    """The HTML page: a summary, then each section; plotly.js inlined once, before the first figure."""
+    body, js_included = [], False
+    for s in sections:
+        body.append(f"<section><h2>{html.escape(s.title)}</h2>")
+        if s.figure is not None:
+            body.append(f"<p>{html.escape(s.why)}</p>")
+            body.append(s.figure.to_html(full_html=False, include_plotlyjs=not js_included, config={"displaylogo": False}))
+            js_included = True
+        else:
+            body.append(f'<p class="missing">Not recorded: record it with <code>{html.escape(s.missing or "")}</code>.</p>')
+        body.append("</section>")
+    prompt = html.escape("".join(trace.token_texts[: trace.prompt_len]))
+    generated = html.escape("".join(trace.token_texts[trace.prompt_len :]))
+    meta = trace.meta
+    facts = [
+        f"{len(trace)} tokens ({trace.prompt_len} prompt, {len(trace) - trace.prompt_len} generated)",
+        f"finish: {meta.get('finish_reason')}",
+        f"sampling: {meta.get('sampling')}",
+        f"interventions: {meta.get('interventions') or 'none'}",
+        f"latent KV cache: {trace.config.kv_cache_bytes_per_token(2):,} bytes/token in bf16",
+    ]
+    summary = "".join(f"<li>{html.escape(str(f))}</li>" for f in facts)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }}
+.report-text {{ white-space: pre-wrap; font-family: ui-monospace, monospace; background: #f6f6f6; padding: 1em; }}
+.generated {{ background: #fff1c2; }}
+.missing {{ color: #888; }}
+section {{ margin-top: 2em; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<div class="report-text">{prompt}<span class="generated">{generated}</span></div>
+<ul>{summary}</ul>
+{''.join(body)}
+</body></html>
+"""
