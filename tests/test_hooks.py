@@ -197,3 +197,12 @@ def test_bad_replacement_and_failing_hook_leave_the_model_clean(tiny_model):
             model(ids)
         assert not any(h.active for h in model.hook_points.values())
         assert torch.equal(model(ids), before)
+
+
+def test_activation_cache_selects_by_pattern_in_forward_order(tiny_model):
+    model = tiny_model()
+    _, acts = model.run_with_cache(torch.randint(0, 320, (1, 4)), names=["*.hook_resid_post", "*.hook_c_kv"])
+    assert len(acts) == 6
+    assert list(acts.select("*.hook_resid_post")) == [f"model.layers.{i}.hook_resid_post" for i in range(3)]
+    with pytest.raises(KeyError, match="was not captured; did you mean"):
+        acts["model.layers.1.hook_resid_pre"]

@@ -96,3 +96,19 @@ def test_a_failing_hook_leaves_the_cache_as_it_was(tiny_model):
         assert not any(h.active for h in model.hook_points.values())
         rest = model(ids[:, 15:], cache)
     torch.testing.assert_close(rest, full[:, 15:], atol=ATOL, rtol=0)
+
+
+def test_crop_rewinds_the_cache_to_rerun_from_a_point(tiny_model):
+    model = tiny_model()
+    ids = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(9))
+    other = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache()
+        model(ids[:, :10], cache)
+        model(other, cache)  # a different continuation ...
+        cache.crop(10)  # ... forgotten
+        rest = model(ids[:, 10:], cache)
+    torch.testing.assert_close(rest, full[:, 10:], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="cannot crop a cache of 30 tokens to 31"):
+        cache.crop(31)
