@@ -266,3 +266,11 @@ def test_chat_prompts_use_the_template(tmp_path):
     assert tok.decode(expected) == "<｜begin▁of▁sentence｜>User: hi there\n\nAssistant:"
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     assert model.generate(messages, 1).run().token_ids[:-1].tolist() == tok.encode_chat(messages)
+
+
+def test_stored_patterns_need_no_latents(tiny_model):
+    """Patterns recorded without latents are still readable; only their nope/rope parts need the latents."""
+    model = tiny_model()
+    trace = model.generate(PROMPT, 3, record=Recording(attention="full", latents=False, attention_layers=[1])).run()
+    view = trace.attention(1, 0)
+    assert view.pattern.shape == (23, 23) and view.scores_nope is None and view.scores_rope is None

@@ -352,3 +352,9 @@ def test_save_image_without_a_browser_says_what_to_install(tmp_path, monkeypatch
     monkeypatch.setattr(go.Figure, "write_image", no_chrome)
     with pytest.raises(RuntimeError, match=r"pip install kaleido[\s\S]*Google Chrome"):
         plots.save_image(plots.latent_norms(trace), tmp_path / "norms.svg")
+
+
+def test_latent_spectrum_of_one_layer(trace):
+    fig = plots.latent_spectrum(trace, [1])
+    assert len(fig.data) == 1
+    torch.testing.assert_close(torch.tensor(fig.data[0].y, dtype=torch.float32), A.latent_spectrum(trace, 1))

@@ -25,7 +25,8 @@ from ._text import token_labels
 def latent_spectrum(trace: Trace, layers: list[int] | None = None) -> go.Figure:
     """Singular values of the uncentered c_kv (tokens x R) per layer, log y; legend: each layer's effective rank."""
     layers = list(range(trace.config.num_hidden_layers)) if layers is None else list(layers)
-    colors = pc.sample_colorscale("Viridis", len(layers), low=0.0, high=0.9)
+    # sample_colorscale needs two samples or more; one layer gets the scale's start colour
+    colors = pc.sample_colorscale("Viridis", max(2, len(layers)), low=0.0, high=0.9)[: len(layers)]
     fig = go.Figure()
     for layer, color in zip(layers, colors):
         s = analysis.latent_spectrum(trace, layer)

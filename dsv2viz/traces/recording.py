@@ -35,7 +35,9 @@ class Recording:
     attention: AttentionMode = "none"  # patterns: none, the newest query row per step, or full
     attention_layers: Sequence[int] | None = None
     attention_heads: Sequence[int] | None = None
-    queries: bool = False  # q_nope and roped q_pe of attention_layers, to rebuild any pattern later
+    # q_nope and roped q_pe of attention_layers, to rebuild any pattern later from the latents; always
+    # recorded with attention patterns too, since they give each pattern's nope and rope parts
+    queries: bool = False
     top_logits: int = 10  # per step: this many most likely next tokens and their probabilities
     full_logits: bool = False  # per step: the whole next-token distribution (needed for exact KL)
     residual_norms: bool = True  # per layer and token: the residual stream's norm after the layer
@@ -72,7 +74,7 @@ class Recording:
             "routing": self.routing * n_moe * S * c.num_experts_per_tok * (8 + 4) if n_moe else 0,
             "router_probs": self.router_probs * n_moe * S * (c.n_routed_experts or 0) * 4,
             "latents": self.latents * L * S * c.kv_cache_dim * value_bytes,
-            "queries": self.queries * n_att * S * n_heads * c.qk_head_dim * value_bytes,
+            "queries": (self.queries or self.attention != "none") * n_att * S * n_heads * c.qk_head_dim * value_bytes,
             "top_logits": new_tokens * self.top_logits * (8 + 4),
             "full_logits": self.full_logits * new_tokens * c.vocab_size * 4,
             "residual_norms": self.residual_norms * (L + 1) * S * 4,

@@ -145,7 +145,8 @@ class Trace:
         """
         stored = self.tensors.get(f"attention.{layer}")
         head_row = self._head_row(head, "attention_heads")
-        rebuilt = self._rebuild(layer, head_row) if f"q_nope.{layer}" in self.tensors else None
+        rebuildable = f"q_nope.{layer}" in self.tensors and "c_kv" in self.tensors
+        rebuilt = self._rebuild(layer, head_row) if rebuildable else None
         if stored is None and rebuilt is None:
             raise TraceError(
                 f"layer {layer}'s attention was not recorded: use Recording(attention='full' or 'last_row', "
