@@ -1,0 +1,107 @@
+"""Streaming plumbing for live widgets: a worker thread that coalesces steps, and cheap token-strip HTML.
+
+A Jupyter kernel handles a button click only between cell executions or while another thread runs, so
+generation runs in a :class:`Streamer` worker thread: Stop stays clickable. Sending one widget update
+per token would flood the front end (and cost more than a tiny model's forward pass), so the worker
+keeps the steps in a buffer and hands them over in batches, at most every :data:`FLUSH_INTERVAL`
+seconds and once at the end. The flush runs in the worker between two steps, where the generation's
+trace snapshot is consistent, and the time spent in it is measured for the benchmark.
+
+The token strip is HTML rather than a figure: one escaped ``<span>`` per token is far cheaper to grow
+than a plotly heatmap, and the colours are the figures' own expert palette.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..generation import Generation, Step
+from ..plots._layout import MONO, expert_color
+from ..plots._text import token_label
+from ..plots.tokens import PROMPT_LIGHTEN
+from ..traces import Trace
+
+#: Seconds between two widget flushes while tokens stream.
+FLUSH_INTERVAL = 0.25
+
+#: flush(new steps, generation, final): update the widgets; called in the worker thread.
+Flush = Callable[[list[Step], Generation, bool], None]
+
+
+class Streamer:
+    """Runs a Generation in a worker thread and hands its steps to `flush` in batches."""
+
+    def __init__(self, generation: Generation, flush: Flush, interval: float = FLUSH_INTERVAL) -> None:
+        self.generation, self._flush, self.interval = generation, flush, interval
+        self.error: BaseException | None = None  # raised by the generation or a flush, shown by the caller
+        self.flushes = 0
+        self.flush_seconds = 0.0  # time spent in flush (widget updates), not in the model
+        self.wall_seconds = 0.0  # the whole run: model + flushes
+        self._thread = threading.Thread(target=self._work, name="dsv2viz-generation", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the generation before its next step (thread-safe)."""
+        self.generation.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def _work(self) -> None:
+        start = last = time.perf_counter()
+        buffer: list[Step] = []
+        try:
+            for step in self.generation:
+                buffer.append(step)
+                if time.perf_counter() - last >= self.interval:
+                    self._call(buffer, final=False)
+                    buffer, last = [], time.perf_counter()
+        except Exception as e:  # noqa: BLE001 - shown in the status line; the generation has removed its hooks
+            self.error = e
+        self._call(buffer, final=True)
+        self.wall_seconds = time.perf_counter() - start
+
+    def _call(self, steps: list[Step], final: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._flush(steps, self.generation, final)
+        except Exception as e:  # noqa: BLE001 - a failed update must not kill the worker
+            self.error = self.error or e
+        self.flush_seconds += time.perf_counter() - t0
+        self.flushes += 1
+
+
+def span_color(expert: int, prompt: bool) -> str:
+    """A token's strip colour: its top-1 expert's colour, lighter for prompt tokens (as in plots.token_strip)."""
+    return expert_color(expert, PROMPT_LIGHTEN if prompt else 0.15)
+
+
+def token_span(text: str, position: int, expert: int, prompt_len: int) -> str:
+    """One token of the strip: escaped text on its expert's colour; a bar marks the first generated token."""
+    bar = "border-left:3px solid #111;" if position == prompt_len else ""
+    return (
+        f'<span class="tok" data-pos="{position}" title="position {position}, expert {expert}" '
+        f'style="background:{span_color(expert, position < prompt_len)};{bar}padding:1px 2px;margin:1px;'
+        f'border-radius:3px;white-space:pre">{token_label(text)}</span>'
+    )
+
+
+def strip_html(spans: list[str]) -> str:
+    return f'<div style="font-family:{MONO};font-size:13px;line-height:2;max-height:260px;overflow-y:auto">{"".join(spans)}</div>'
+
+
+def newest_attention(trace: Trace, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pattern, scores_nope, scores_rope), each (S,), of the newest token's query at `layer`, `head`."""
+    view = trace.attention(layer, head)
+    row = int((view.query_pos == len(trace) - 1).nonzero()[-1])
+    return view.pattern[row], view.scores_nope[row], view.scores_rope[row]
