@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -48,8 +49,11 @@ def test_rebuilt_patterns_equal_live_ones_and_parts_sum_to_scores(tiny_model):
     for head in range(4):
         view = trace.attention(2, head)
         assert view.pattern.shape == (S, S) and torch.equal(view.query_pos, torch.arange(S))
-        pattern, _, _ = trace._rebuild(2, head)
-        torch.testing.assert_close(pattern, view.pattern, atol=1e-5, rtol=0)
+        rebuilt = dataclasses.replace(trace, tensors={k: v for k, v in trace.tensors.items() if not k.startswith("attention.")})
+        torch.testing.assert_close(rebuilt.attention(2, head).pattern, view.pattern, atol=1e-5, rtol=0)
+        newest = rebuilt.attention(2, head, queries=[-1])  # one row, rebuilt alone
+        assert newest.query_pos.tolist() == [S - 1]
+        torch.testing.assert_close(newest.pattern[0], view.pattern[-1], atol=1e-5, rtol=0)
         # the parts add up to the scores the model computed, row by row as they were computed
         scores = torch.zeros(S, S)
         row = 0
@@ -72,6 +76,9 @@ def test_last_row_mode_keeps_one_row_per_step(tiny_model):
     torch.testing.assert_close(trace.tensors["attention.1"].sum(-1), torch.ones(2, 6))
     with pytest.raises(TraceError, match="attention was not recorded"):
         trace.attention(2, 0)
+    assert trace.attention(1, 3, queries=[-1]).pattern.shape == (1, 25)
+    with pytest.raises(TraceError, match=r"query positions \[5\] of layer 1 were not recorded"):
+        trace.attention(1, 3, queries=[5])
 
 
 def test_recording_does_not_change_the_tokens(tiny_model):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,30 +138,38 @@ class Trace:
         """(c_kv (S, R), k_pe (S, dr)) of one layer."""
         return self.require("c_kv", "latents=True")[layer], self.require("k_pe", "latents=True")[layer]
 
-    def attention(self, layer: int, head: int) -> AttentionView:
+    def attention(self, layer: int, head: int, *, queries: Sequence[int] | None = None) -> AttentionView:
         """One head's pattern with its nope and rope parts, rebuilt from queries and latents when recorded.
 
         Stored patterns are returned as recorded (their parts rebuilt when queries were recorded); with
-        queries but no stored pattern, every query row is rebuilt, so no pattern ever has to be stored.
+        queries but no stored pattern, the rows are rebuilt, so no pattern ever has to be stored.
+        `queries` picks query positions (negative ones count from the end): a live view of the newest
+        token asks for ``queries=[-1]`` and costs one row, not S x S.
         """
         stored = self.tensors.get(f"attention.{layer}")
         head_row = self._head_row(head, "attention_heads")
         rebuildable = f"q_nope.{layer}" in self.tensors and "c_kv" in self.tensors
-        rebuilt = self._rebuild(layer, head_row) if rebuildable else None
-        if stored is None and rebuilt is None:
+        if stored is None and not rebuildable:
             raise TraceError(
                 f"layer {layer}'s attention was not recorded: use Recording(attention='full' or 'last_row', "
                 f"or queries=True) with attention_layers including {layer}"
             )
-        if stored is not None:
-            query_pos = self.tensors[f"attention.{layer}.query_pos"]
-            pattern = stored[head_row]
-            nope = rope = None
-            if rebuilt is not None:
-                nope, rope = rebuilt[1][query_pos], rebuilt[2][query_pos]
-            return AttentionView(layer, head, query_pos, pattern, nope, rope)
-        pattern, nope, rope = rebuilt
-        return AttentionView(layer, head, torch.arange(len(self)), pattern, nope, rope)
+        wanted = None if queries is None else [q % len(self) for q in queries]
+        if stored is None:
+            query_pos = torch.arange(len(self)) if wanted is None else torch.tensor(wanted)
+            return AttentionView(layer, head, query_pos, *self._rebuild(layer, head_row, query_pos))
+        recorded = self.tensors[f"attention.{layer}.query_pos"]
+        rows = torch.arange(len(recorded))
+        if wanted is not None:
+            missing = sorted(set(wanted) - set(recorded.tolist()))
+            if missing:
+                raise TraceError(f"query positions {missing} of layer {layer} were not recorded (rows at {recorded.tolist()})")
+            rows = torch.tensor([int((recorded == q).nonzero()[0]) for q in wanted])
+        query_pos = recorded[rows]
+        nope = rope = None
+        if rebuildable:
+            _, nope, rope = self._rebuild(layer, head_row, query_pos)
+        return AttentionView(layer, head, query_pos, stored[head_row][rows], nope, rope)
 
     def _head_row(self, head: int, what: str) -> int:
         heads = self.recording.heads(self.config)
@@ -168,17 +177,18 @@ class Trace:
             raise TraceError(f"head {head} was not recorded; {what} were {heads}")
         return heads.index(head)
 
-    def _rebuild(self, layer: int, head_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pattern, scores_nope, scores_rope), each (S, S), from the recorded queries and latents."""
+    def _rebuild(
+        self, layer: int, head_row: int, query_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pattern, scores_nope, scores_rope), each (Q, S), for the query positions, from queries and latents."""
         c_kv, k_pe = (t.float() for t in self.latent(layer))
-        q_nope = self.tensors[f"q_nope.{layer}"][:, head_row].float()  # (S, dn)
-        q_pe = self.tensors[f"q_pe.{layer}"][:, head_row].float()  # (S, dr)
+        q_nope = self.tensors[f"q_nope.{layer}"][query_pos, head_row].float()  # (Q, dn)
+        q_pe = self.tensors[f"q_pe.{layer}"][query_pos, head_row].float()  # (Q, dr)
         w_uk = self.tensors[f"w_uk.{layer}"][head_row].float()  # (dn, R)
         scale = self.config.softmax_scale
         nope = (q_nope @ w_uk) @ c_kv.T * scale
         rope = q_pe @ k_pe.T * scale
-        S = len(self)
-        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        causal = torch.arange(len(self))[None, :] <= query_pos[:, None]  # (Q, S)
         pattern = (nope + rope).masked_fill(~causal, float("-inf")).softmax(dim=-1)
         return pattern, nope, rope
 

@@ -102,6 +102,5 @@ def strip_html(spans: list[str]) -> str:
 
 def newest_attention(trace: Trace, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pattern, scores_nope, scores_rope), each (S,), of the newest token's query at `layer`, `head`."""
-    view = trace.attention(layer, head)
-    row = int((view.query_pos == len(trace) - 1).nonzero()[-1])
-    return view.pattern[row], view.scores_nope[row], view.scores_rope[row]
+    view = trace.attention(layer, head, queries=[-1])  # one row: cheap however long the trace
+    return view.pattern[0], view.scores_nope[0], view.scores_rope[0]
