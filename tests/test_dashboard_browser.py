@@ -42,7 +42,11 @@ def lab(tmp_path):
     shutil.copy(REPO / "notebooks" / "01_quickstart.ipynb", root)
     model = write_random_checkpoint(tmp_path / "model")
     port = free_port()
-    env = {**os.environ, "DSV2VIZ_MODEL": str(model), "PYTHONPATH": str(REPO)}
+    settings = tmp_path / "lab-settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')  # no news pop-up
+    env = {**os.environ, "DSV2VIZ_MODEL": str(model), "PYTHONPATH": str(REPO),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings")}
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
          "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.ip=127.0.0.1", "--LabApp.news_url=None",
@@ -105,9 +109,6 @@ def test_quickstart_dashboard_streams_and_stops(lab):
             page.wait_for_timeout(300)
         assert len(set(seen)) >= 4, f"the strip did not grow while generating: {seen}"
         assert seen == sorted(seen)
-        no_news = page.locator(".jp-toast-button", has_text="No")  # JupyterLab's first-start news question
-        if no_news.count():
-            no_news.first.click()
         page.locator(".widget-vbox").first.scroll_into_view_if_needed()
         page.screenshot(path=str(artifacts / "dashboard.png"), full_page=False)
 
