@@ -234,6 +234,7 @@ class Gate(nn.Module):
         self.hook_probs = HookPoint("(B, T, E) fp32 softmax of the logits")
         self.hook_topk_idx = HookPoint("(B, T, K) int64 chosen experts, best first; replace to force routing")
         self.hook_topk_weights = HookPoint("(B, T, K) fp32 weights of the chosen experts")
+        self.aux_loss: torch.Tensor | None = None  # set by each forward in training mode, see balance_loss
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -247,12 +248,27 @@ class Gate(nn.Module):
         else:
             candidates = probs
         idx = self.hook_topk_idx(candidates.topk(c.num_experts_per_tok, dim=-1).indices)
+        self.aux_loss = balance_loss(probs, idx, c.aux_loss_alpha) if self.training and c.aux_loss_alpha > 0 else None
         weights = probs.gather(-1, idx)
         if c.num_experts_per_tok > 1 and c.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         else:
             weights = weights * c.routed_scaling_factor
         return idx, self.hook_topk_weights(weights)
+
+
+def balance_loss(probs: torch.Tensor, idx: torch.Tensor, alpha: float) -> torch.Tensor:
+    """DeepSeek-V2's sequence-level expert balance loss: alpha * mean over sequences of sum_i f_i * P_i.
+
+    f_i is expert i's share of the sequence's (token, slot) choices times E / K (1 for every expert when
+    the load is even), P_i its mean router probability over the sequence; training against it keeps
+    every expert in use. probs (B, T, E), idx (B, T, K).
+    """
+    B, T, E = probs.shape
+    K = idx.shape[-1]
+    counts = torch.zeros(B, E, device=probs.device).scatter_add_(1, idx.reshape(B, -1), torch.ones(B, T * K, device=probs.device))
+    f = counts / (T * K / E)  # (B, E)
+    return (f * probs.mean(dim=1)).sum(dim=1).mean() * alpha
 
 
 class MoE(nn.Module):
@@ -362,6 +378,11 @@ class DeepseekV2ForCausalLM(HookedModule):
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The balance losses of the last training-mode forward pass, summed over MoE layers (None in eval)."""
+        losses = [b.mlp.gate.aux_loss for b in self.model.layers if isinstance(b.mlp, MoE) and b.mlp.gate.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
 
     def set_attention_impl(self, impl: AttentionImpl) -> None:
         """Choose the attention path for every layer: "auto" (default), "naive" or "absorb"."""

@@ -206,3 +206,30 @@ def test_activation_cache_selects_by_pattern_in_forward_order(tiny_model):
     assert list(acts.select("*.hook_resid_post")) == [f"model.layers.{i}.hook_resid_post" for i in range(3)]
     with pytest.raises(KeyError, match="was not captured; did you mean"):
         acts["model.layers.1.hook_resid_pre"]
+
+
+def test_balance_loss_in_training_only_and_by_hand(tiny_model):
+    from dsv2viz.model import balance_loss
+
+    model = tiny_model().train().requires_grad_(True)
+    ids = torch.randint(0, 320, (2, 9))
+    _, acts = model.run_with_cache(ids, names=["*.gate.hook_probs", "*.gate.hook_topk_idx"])
+    total = 0.0
+    for layer in (1, 2):
+        probs = acts[f"model.layers.{layer}.mlp.gate.hook_probs"]
+        idx = acts[f"model.layers.{layer}.mlp.gate.hook_topk_idx"]
+        for b in range(2):  # by hand, sequence by sequence: f_i = share of the 9 x 3 choices x E / K
+            f = torch.bincount(idx[b].flatten(), minlength=8).float() / (9 * 3) * 8
+            total += 0.001 * float((f * probs[b].mean(0)).sum()) / 2
+    loss = model.aux_loss()
+    assert loss is not None and abs(loss.item() - total) < 1e-6
+    loss.backward()
+    assert model.model.layers[1].mlp.gate.weight.grad.abs().sum() > 0
+    # even routing gives f = 1 for every expert and a loss of alpha; all tokens on K experts gives more
+    even = torch.full((1, 8, 8), 1 / 8)
+    assert float(balance_loss(even, torch.arange(8).view(1, 8, 1).expand(1, 8, 1), 1.0)) == pytest.approx(1.0)
+    skewed = torch.tensor([[0.5, 0.5] + [0.0] * 6]).expand(1, 8, 8)
+    assert float(balance_loss(skewed, torch.tensor([0, 1]).expand(1, 8, 2), 1.0)) == pytest.approx(4.0)
+    model.eval()
+    model(ids)
+    assert model.aux_loss() is None
