@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import tokenizers
 import torch
 from safetensors.torch import save_file
 
@@ -57,14 +58,21 @@ def write_random_checkpoint(
     """
     if (config.bos_token_id, config.eos_token_id) != (256, 257) or config.vocab_size < 258:
         raise ValueError("a random checkpoint's byte-level tokenizer needs vocab_size >= 258 and bos/eos ids 256/257")
+    model = DeepseekV2ForCausalLM(config).init_weights(std=std, seed=seed)
+    tokenizer = byte_level_bpe(None, vocab_size=258, bos_token=DEEPSEEK_BOS, eos_token=DEEPSEEK_EOS)
+    return write_checkpoint(folder, model, tokenizer, dtype=dtype)
+
+
+def write_checkpoint(
+    folder: str | os.PathLike, model: DeepseekV2ForCausalLM, tokenizer: tokenizers.Tokenizer, *, dtype: torch.dtype
+) -> Path:
+    """Save `model` and `tokenizer` in the official checkpoint's layout, weights in `dtype`; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = DeepseekV2ForCausalLM(config).init_weights(std=std, seed=seed).to(dtype)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    tokenizer = byte_level_bpe(None, vocab_size=258, bos_token=DEEPSEEK_BOS, eos_token=DEEPSEEK_EOS)
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     write_tokenizer_files(folder, tokenizer, bos_token=DEEPSEEK_BOS, eos_token=DEEPSEEK_EOS)
     return folder
