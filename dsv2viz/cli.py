@@ -1,7 +1,7 @@
 """The ``dsv2viz`` command line.
 
     dsv2viz info PATH                       what a checkpoint holds: config, parameters, shards, KV-cache bytes per token
-    dsv2viz generate --model PATH --prompt TEXT [--trace DIR] [--report FILE]
+    dsv2viz generate [--model PATH] --prompt TEXT [--trace DIR] [--report FILE]
                                             stream a generation, record its trace, write its HTML report
     dsv2viz report TRACE_DIR -o FILE        the HTML report of a saved trace
     dsv2viz demo [--out DIR]                write a small random-weight checkpoint and stream a generation with its routing
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="folder with config.json and *.safetensors")
     info.set_defaults(run=cmd_info)
     gen = sub.add_parser("generate", help="stream a generation, record its trace, write its report")
-    gen.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    gen.add_argument("--model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json); default: the bundled demo model")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="format the prompt as one user turn of the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=64)

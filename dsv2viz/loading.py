@@ -31,8 +31,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+#: The bundled demo model (scripts/train_demo.py): DeepSeek-V2's architecture at 8M parameters.
+DEMO_MODEL = Path(__file__).parent / "demo_model"
+
+
 def load(
-    path: str | os.PathLike,
+    path: str | os.PathLike | None = None,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -40,10 +44,13 @@ def load(
 ) -> DeepseekV2ForCausalLM:
     """Load the model in `path` for inference (eval mode, no gradients), with its tokenizer when present.
 
+    With no `path`, the bundled demo model (see its MODEL_CARD.md) is loaded, so everything runs before
+    the 31 GB checkpoint is downloaded.
+
     `device` defaults to CUDA when available, else CPU; `dtype` to bf16 on CUDA and fp32 on CPU. The
     tokenizer, if the folder has ``tokenizer.json``, is at ``model.tokenizer`` (else None).
     """
-    folder = Path(path).expanduser()
+    folder = DEMO_MODEL if path is None else Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(
             f"{folder}: no such folder; pass the folder that holds config.json and the *.safetensors shards"
