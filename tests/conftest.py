@@ -137,3 +137,29 @@ def peak_rss_growth(setup: str, work: str) -> tuple[int, str]:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=repo, env=env).stdout
     lines = out.strip().splitlines()
     return int(lines[-1].split()[1]), "\n".join(lines[:-1])
+
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@pytest.fixture
+def run_notebook(tmp_path, monkeypatch):
+    """Execute a notebook top to bottom (nbclient, a fresh kernel, cwd a temporary folder, on the bundled
+    demo model because DSV2VIZ_MODEL is unset), then run `checks` in the same kernel so assertions can read
+    the notebook's variables. Any failing cell, checks included, fails the test with the cell's traceback.
+    Returns the executed notebook for assertions on outputs."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.delenv("DSV2VIZ_MODEL", raising=False)
+
+    def run(name: str, checks: str, timeout: int = 600):
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), \
+            f"{name} is committed with outputs; clear them"
+        nb.cells.append(nbformat.v4.new_code_cell(checks))
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        return nb
+
+    return run
