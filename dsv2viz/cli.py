@@ -5,6 +5,8 @@
                                             stream a generation, record its trace, write its HTML report
     dsv2viz report TRACE_DIR -o FILE        the HTML report of a saved trace
     dsv2viz demo [--out DIR]                write a small random-weight checkpoint and stream a generation with its routing
+    dsv2viz collect [--model PATH] --input FILES... --out DIR [--ray]
+                                            routing of a whole corpus: per-token Parquet rows and merged statistics
 
 Errors are one readable line on stderr and exit status 1, never a traceback.
 """
@@ -145,6 +147,32 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(f"saved to {trace.save(args.trace)}")
 
 
+def cmd_collect(args: argparse.Namespace) -> None:
+    import time
+
+    from .analysis import expert_utilization
+    from .corpus import CollectSettings, collect
+
+    settings = CollectSettings(
+        text_field=args.text_field, id_field=args.id_field, docs_per_shard=args.docs_per_shard,
+        batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, near_tie_threshold=args.near_tie_threshold,
+    )
+    start = time.perf_counter()
+    corpus = collect(
+        args.input, args.out, model=args.model, settings=settings, device=args.device, threads=args.threads,
+        ray=args.ray or args.ray_address is not None, ray_address=args.ray_address, workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker, progress=not args.quiet,
+    )
+    totals = corpus.manifest["totals"]
+    print(f"{totals['documents']:,} documents, {totals['tokens']:,} tokens routed, {totals['skipped']:,} skipped "
+          f"({time.perf_counter() - start:.1f} s, model loading included) -> {args.out}")
+    util, stats = expert_utilization(corpus), corpus.stats
+    print(f"  {'layer':>5} {'load CV':>8} {'max/mean':>9} {'entropy':>8} {'near ties':>10}")
+    for row, layer in enumerate(corpus.moe_layers):
+        print(f"  {layer:>5} {float(util.cv[row]):>8.3f} {float(util.max_over_mean[row]):>9.2f} "
+              f"{float(stats.mean_entropy[row]):>8.3f} {int(stats.near_ties[row]) / max(stats.tokens, 1):>10.2%}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv2viz", description="Look inside DeepSeek-V2: latent attention and experts.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +207,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tokens", type=int, default=16, help="how many tokens to generate")
     demo.add_argument("--trace", help="save the recorded trace to this folder")
     demo.set_defaults(run=cmd_demo)
+    col = sub.add_parser("collect", help="route a corpus: per-token Parquet rows and mergeable statistics per layer")
+    col.add_argument("--model", help="checkpoint folder; default: the bundled demo model")
+    col.add_argument("--input", nargs="+", required=True, help="text files (one document each), .jsonl or .parquet files, or folders")
+    col.add_argument("--out", required=True, help="output folder; rerunning the same command resumes it")
+    col.add_argument("--text-field", default="text", help="JSONL key / Parquet column with the text")
+    col.add_argument("--id-field", default="id", help="JSONL key / Parquet column naming the document, when present")
+    col.add_argument("--docs-per-shard", type=int, default=256, help="documents per shard: the unit of work and of resumption")
+    col.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    col.add_argument("--max-tokens", type=int, help="longer documents are skipped and reported (default: min(context, 4096))")
+    col.add_argument("--near-tie-threshold", type=float, help="absolute top-k margin counted as a near tie (default: bf16 rounding of the K-th probability)")
+    col.add_argument("--device", help="cuda or cpu, in-process (default: cuda when available)")
+    col.add_argument("--threads", type=int, help="torch threads per process (Ray CPU workers: one per CPU they reserve)")
+    col.add_argument("--ray", action="store_true", help="run the shards on Ray Data (a local instance unless --ray-address)")
+    col.add_argument("--ray-address", help="address of a running Ray cluster (implies --ray)")
+    col.add_argument("--workers", type=int, help="Ray model actors (default: one per GPU, else 2)")
+    col.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray actor (default: 1 when the cluster has GPUs, else 0)")
+    col.add_argument("--quiet", action="store_true", help="no progress bars")
+    col.set_defaults(run=cmd_collect)
     return parser
 
 

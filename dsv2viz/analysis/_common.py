@@ -1,20 +1,32 @@
 """What every analysis shares: a trace or a corpus of traces taken as a list, and the entropy of distributions.
 
 A corpus is a list of traces from one model. Per-position results of a corpus concatenate the traces'
-positions in corpus order; tables get a ``trace`` column holding each row's index in the corpus.
+positions in corpus order; tables get a ``trace`` column holding each row's index in the corpus. The
+routing analyses also take a collected :class:`~dsv2viz.corpus.Corpus` (``dsv2viz collect``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
+from typing import TYPE_CHECKING, Any, Union
 
 import pandas as pd
 import torch
 
 from ..traces import Trace
 
+if TYPE_CHECKING:
+    from ..corpus import Corpus
+
 Traces = Union[Trace, Sequence[Trace]]
+Routed = Union[Traces, "Corpus"]  # what the routing analyses accept
+
+
+def is_corpus(x: Any) -> bool:
+    """Whether `x` is a collected Corpus (imported here, not at module level: the corpus package uses analysis)."""
+    from ..corpus.corpus import Corpus
+
+    return isinstance(x, Corpus)
 
 
 def as_traces(traces: Traces) -> list[Trace]:

@@ -2,7 +2,8 @@
 
 DeepSeekMoE sends every token to K of E routed experts (besides the always-on shared experts). These
 functions read the routing a trace recorded (``Recording(routing=True)``, the default; the full router
-distribution needs ``router_probs=True``) and answer the usual questions about a mixture of experts: is
+distribution needs ``router_probs=True``), or the routing a collection wrote (a
+:class:`~dsv2viz.corpus.Corpus`, for all but :func:`moe_contributions` and :func:`compare`), and answer the usual questions about a mixture of experts: is
 the load balanced (:func:`expert_utilization`), which experts work together (:func:`coactivation`), how
 sure is the router (:func:`routing_entropy`, :func:`topk_margin`, :func:`near_ties`), what does each
 expert specialise in (:func:`top_tokens_per_expert`), how much do the routed experts add next to the
@@ -22,7 +23,7 @@ import pandas as pd
 import torch
 
 from ..traces import Trace
-from ._common import Traces, as_traces, concat_positions, entropy, frame_per_trace
+from ._common import Routed, Traces, as_traces, concat_positions, entropy, frame_per_trace, is_corpus
 
 #: bf16 unit roundoff: rounding one value to bf16 (8 significant bits) moves it by up to 2**-8 of itself.
 BF16_ROUNDOFF = 2.0**-8
@@ -52,12 +53,16 @@ class ExpertUtilization:
         )
 
 
-def expert_utilization(traces: Traces, *, generated_only: bool = False) -> ExpertUtilization:
+def expert_utilization(traces: Routed, *, generated_only: bool = False) -> ExpertUtilization:
     """Tokens per expert and layer over a trace or corpus; `generated_only` skips the prompts.
 
     Load balance is what the auxiliary loss trained for: a high `cv` or `max_over_mean` on some text
     shows experts that are idle or overloaded on it, i.e. specialised to (or against) that kind of text.
     """
+    if is_corpus(traces):
+        if generated_only:
+            raise ValueError("a collected corpus was read, not generated: it has no generated tokens")
+        return _utilization(traces.stats.counts.clone(), traces.tokens, traces.moe_layers)
     traces = as_traces(traces)
     config = traces[0].config
     layers, E = config.moe_layers, config.n_routed_experts
@@ -68,6 +73,10 @@ def expert_utilization(traces: Traces, *, generated_only: bool = False) -> Exper
         for row, layer in enumerate(layers):
             counts[row] += t.routing(layer)[0][start:].flatten().bincount(minlength=E)
         tokens += len(t) - start
+    return _utilization(counts, tokens, layers)
+
+
+def _utilization(counts: torch.Tensor, tokens: int, layers: list[int]) -> ExpertUtilization:
     load = counts.double()
     mean = load.mean(dim=1)
     return ExpertUtilization(
@@ -80,12 +89,14 @@ def expert_utilization(traces: Traces, *, generated_only: bool = False) -> Exper
     )
 
 
-def coactivation(traces: Traces, layer: int) -> torch.Tensor:
+def coactivation(traces: Routed, layer: int) -> torch.Tensor:
     """(E, E) int64: how many tokens had both expert i and expert j among their top-k at `layer`.
 
     The diagonal is each expert's token count. Pairs chosen together far more often than their counts
     predict are experts that work as a team (or split one job between them).
     """
+    if is_corpus(traces):
+        return traces.stats.coactivation[_corpus_row(traces, layer)].clone()
     traces = as_traces(traces)
     E = traces[0].config.n_routed_experts
     out = torch.zeros(E, E, dtype=torch.int64)
@@ -96,22 +107,28 @@ def coactivation(traces: Traces, layer: int) -> torch.Tensor:
     return out
 
 
-def routing_entropy(traces: Traces) -> torch.Tensor:
+def routing_entropy(traces: Routed) -> torch.Tensor:
     """(M, S) entropy in nats of the full router distribution of each token (at most log E).
 
     Low entropy: the router is sure which experts a token needs; high: it spreads its probability and
     the top-k choice rests on small differences. Needs ``Recording(router_probs=True)`` (raises
-    TraceError otherwise); :func:`topk_weight_entropy` works on default recordings.
+    TraceError otherwise); :func:`topk_weight_entropy` works on default recordings. A corpus gives the
+    entropies its collection computed (in float32), tokens in corpus order.
     """
+    if is_corpus(traces):
+        return torch.from_numpy(traces.per_layer("entropy")).double()
     return concat_positions(traces, lambda t: torch.stack([entropy(t.router_probs(m)) for m in t.moe_layers]))
 
 
-def topk_weight_entropy(traces: Traces) -> torch.Tensor:
+def topk_weight_entropy(traces: Routed) -> torch.Tensor:
     """(M, S) entropy in nats of each token's top-k weights, normalised to sum to one (at most log K).
 
     Says how evenly a token leans on the experts it was sent to: log K when they weigh the same, near 0
     when one expert carries it. Works on default recordings (only the top-k weights are needed).
     """
+    if is_corpus(traces):
+        weights = torch.from_numpy(traces.per_layer("weights")).double()  # (M, S, K)
+        return entropy(weights / weights.sum(-1, keepdim=True))
 
     def one(t: Trace) -> torch.Tensor:
         weights = torch.stack([t.routing(m)[1] for m in t.moe_layers]).double()  # (M, S, K)
@@ -137,7 +154,7 @@ def _margin(t: Trace, layer: int) -> _Margin:
     return _Margin(p[:, K - 1] - p[:, K], p[:, K - 1], e[:, K - 1], e[:, K])
 
 
-def topk_margin(traces: Traces) -> torch.Tensor:
+def topk_margin(traces: Routed) -> torch.Tensor:
     """(M, S) the K-th minus the (K+1)-th largest router probability of each token (>= 0).
 
     How close the token came to a different expert set: a margin near zero means a tiny change in the
@@ -145,10 +162,12 @@ def topk_margin(traces: Traces) -> torch.Tensor:
     ``Recording(router_probs=True)``. Ranks are those of the plain router distribution (V2-Lite's greedy
     top-k; with group-limited routing the chosen set may differ from them).
     """
+    if is_corpus(traces):
+        return torch.from_numpy(traces.per_layer("margin")).double()
     return concat_positions(traces, lambda t: torch.stack([_margin(t, m).margin for m in t.moe_layers]))
 
 
-def near_ties(traces: Traces, threshold: float | None = None) -> pd.DataFrame:
+def near_ties(traces: Routed, threshold: float | None = None) -> pd.DataFrame:
     """Tokens whose top-k margin is below `threshold`: (trace, position, layer, token, kth_expert, next_expert, margin).
 
     `kth_expert` is the token's K-th choice and `next_expert` the runner-up it nearly took instead. A
@@ -158,7 +177,12 @@ def near_ties(traces: Traces, threshold: float | None = None) -> pd.DataFrame:
     bf16 inference) can move it by about that much; below it the choice of expert is an accident of
     rounding rather than something the model decided, and a study of routing should not read meaning
     into it. Needs ``Recording(router_probs=True)``.
+
+    On a corpus, rows are (doc_index, doc_id, position, layer, token, kth_expert, next_expert, margin): the
+    tokens the collection flagged with its own threshold, or with `threshold` given, those below it.
     """
+    if is_corpus(traces):
+        return _corpus_near_ties(traces, threshold)
 
     def one(t: Trace) -> pd.DataFrame:
         rows = []
@@ -174,22 +198,45 @@ def near_ties(traces: Traces, threshold: float | None = None) -> pd.DataFrame:
     return frame_per_trace(traces, one)
 
 
-def top_tokens_per_expert(traces: Traces, layer: int, *, n: int = 10) -> pd.DataFrame:
+def top_tokens_per_expert(traces: Routed, layer: int, *, n: int = 10) -> pd.DataFrame:
     """Each expert's `n` most frequent tokens at `layer`: (expert, token, count, share).
 
     `share` is the token's part of everything routed to that expert. This is the first look at what an
     expert specialises in (digits, punctuation, one language, code). Tokens are grouped by their text;
     ties in count are broken by text, so the table is deterministic.
     """
-    pairs: Counter[tuple[int, str]] = Counter()
-    for t in as_traces(traces):
-        experts = t.routing(layer)[0]
-        for text, chosen in zip(t.token_texts, experts.tolist()):
-            pairs.update((e, text) for e in chosen)
-    df = pd.DataFrame([(e, text, c) for (e, text), c in pairs.items()], columns=["expert", "token", "count"])
+    if is_corpus(traces):
+        _corpus_row(traces, layer)
+        te = traces.stats.token_experts
+        te = te[te["layer"] == layer]
+        df = (te.assign(token=traces.token_text(te["token_id"].tolist()))
+              .groupby(["expert", "token"], as_index=False)["count"].sum())
+        df["expert"] = df["expert"].astype(np.int64)
+    else:
+        pairs: Counter[tuple[int, str]] = Counter()
+        for t in as_traces(traces):
+            experts = t.routing(layer)[0]
+            for text, chosen in zip(t.token_texts, experts.tolist()):
+                pairs.update((e, text) for e in chosen)
+        df = pd.DataFrame([(e, text, c) for (e, text), c in pairs.items()], columns=["expert", "token", "count"])
     df["share"] = df["count"] / df.groupby("expert")["count"].transform("sum")
     df = df.sort_values(["expert", "count", "token"], ascending=[True, False, True])
     return df.groupby("expert").head(n).reset_index(drop=True)
+
+
+def _corpus_row(corpus, layer: int) -> int:
+    if layer not in corpus.moe_layers:
+        raise ValueError(f"layer {layer} is not an MoE layer; MoE layers are {corpus.moe_layers}")
+    return corpus.moe_layers.index(layer)
+
+
+def _corpus_near_ties(corpus, threshold: float | None) -> pd.DataFrame:
+    columns = ["doc_index", "doc_id", "position", "layer", "token_id", "kth_expert", "next_expert", "margin"]
+    rows = corpus.rows(columns + ["near_tie"])
+    rows = rows[rows["near_tie"] if threshold is None else rows["margin"] < threshold]
+    rows = rows.assign(token=corpus.token_text(rows["token_id"].tolist()), doc_id=rows["doc_id"].astype(str))
+    out = rows[["doc_index", "doc_id", "position", "layer", "token", "kth_expert", "next_expert", "margin"]]
+    return out.astype({"layer": np.int64, "kth_expert": np.int64, "next_expert": np.int64, "margin": np.float64}).reset_index(drop=True)
 
 
 def moe_contributions(traces: Traces) -> pd.DataFrame:

@@ -1,0 +1,190 @@
+"""The collection job: plan shards, run the unfinished ones in-process or on Ray, merge their statistics.
+
+Output folder::
+
+    manifest.json                 the job (model, dtype, settings, inputs, shard plan) and, when complete, totals
+    rows/part-NNNNN.parquet       per-token routing, one row per (document, position, MoE layer)
+    shards/NNNNN.*                each shard's statistics and summary (see dsv2viz.corpus.shard)
+    stats.safetensors             merged RoutingStats; stats.token_experts.parquet with token texts
+    documents.parquet             doc_index, doc_id, tokens of every routed document
+    skipped.jsonl                 every skipped document and why
+
+Rerunning the same command resumes: shards whose summary exists are skipped, the others rerun, and the
+merge is redone from all shards in order, so the result equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..config import DeepseekV2Config
+from ..loading import DEMO_MODEL, default_device, default_dtype, load
+from ..model import DeepseekV2ForCausalLM
+from ..tokenizer import Tokenizer
+from .corpus import FORMAT, VERSION, Corpus
+from .documents import CollectError, InputFile, ShardSpec, plan_shards
+from .shard import CollectSettings, ShardRunner
+from .stats import RoutingStats
+
+#: Skipped documents printed one by one per run; the rest are counted (all are in skipped.jsonl).
+SHOW_SKIPPED = 20
+
+ModelArg = str | os.PathLike | DeepseekV2ForCausalLM | None
+
+
+def collect(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    model: ModelArg = None,
+    settings: CollectSettings | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    threads: int | None = None,
+    ray: bool = False,
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    progress: bool = True,
+    **options,
+) -> Corpus:
+    """Route every document of `inputs` through `model` (a checkpoint folder, a loaded model, or None for
+    the bundled demo model) and write per-token routing and merged statistics to `out`; returns the Corpus.
+
+    `inputs` are plain text files (one document each), JSONL (one document per line, text under
+    ``text_field``) or Parquet (a ``text_field`` column), or folders of them. `options` are
+    :class:`CollectSettings` fields (docs_per_shard, batch_tokens, max_tokens, ...). `threads` sets
+    torch's intra-op threads (results are bit-identical across runs with the same dtype, device type and
+    threads). With `ray`, shards run on Ray Data: one model actor per GPU (``gpus_per_worker``, default 1
+    when the cluster has GPUs) or per CPU worker; `workers` actors (default: one per GPU, else 2); a local
+    Ray instance is started unless `ray_address` names a cluster. `out` must then be on storage every
+    node can write.
+    """
+    settings = dataclasses.replace(settings or CollectSettings(), **options)
+    out = Path(out)
+    files, specs = plan_shards(inputs, settings.docs_per_shard, settings.text_field)
+    if ray:
+        if isinstance(model, DeepseekV2ForCausalLM):
+            raise CollectError("with ray=True pass the checkpoint folder, not a loaded model: each worker loads its own copy")
+        folder = Path(model or DEMO_MODEL).expanduser()
+        config = DeepseekV2Config.from_json(folder)
+        device_type = "cuda" if gpus_per_worker or (gpus_per_worker is None and _cluster_gpus(ray_address)) else "cpu"
+        dtype = dtype or default_dtype(torch.device(device_type))
+        loaded = None
+    else:
+        loaded = model if isinstance(model, DeepseekV2ForCausalLM) else load(model, device=device, dtype=dtype, progress=progress)
+        folder = None if isinstance(model, DeepseekV2ForCausalLM) else Path(model or DEMO_MODEL).expanduser()
+        config, device_type, dtype = loaded.config, loaded.device.type, loaded.dtype
+    job = {
+        "format": FORMAT, "version": VERSION,
+        "model": {"path": str(folder) if folder else None, "config": config.to_dict()},
+        "dtype": str(dtype).removeprefix("torch."), "device": device_type,
+        "settings": dataclasses.asdict(settings),
+        "files": [dataclasses.asdict(f) for f in files],
+        "shards": [s.to_dict() for s in specs],
+    }
+    _start(out, job)
+    todo = [s for s in specs if not (out / "shards" / f"{s.name}.json").exists()]
+    bar = tqdm(unit="tok", unit_scale=True, desc=f"collect: {len(todo)} of {len(specs)} shards to do", disable=not progress, file=sys.stderr)
+    shown = 0
+    try:
+        if ray:
+            from .ray_backend import run_shards
+
+            summaries = run_shards(folder, files, settings, out, todo, dtype=job["dtype"], device=device_type,
+                                   threads=threads, address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
+        else:
+            summaries = _in_process(loaded, files, settings, out, todo, threads, bar)
+        for summary in summaries:
+            if ray:
+                bar.update(summary["tokens"])
+            for s in summary["skipped"]:
+                if shown < SHOW_SKIPPED:
+                    bar.write(f"skipped {s['doc_id']}: {s['reason']}", file=sys.stderr)
+                shown += 1
+    finally:
+        bar.close()
+    if shown > SHOW_SKIPPED:
+        print(f"... and {shown - SHOW_SKIPPED} more skipped documents: see {out / 'skipped.jsonl'}", file=sys.stderr)
+    tokenizer = loaded.tokenizer if loaded is not None else Tokenizer.from_dir(folder, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
+    _merge(out, job, specs, tokenizer)
+    return Corpus.open(out)
+
+
+def _cluster_gpus(address: str | None) -> bool:
+    """Whether the Ray cluster (or this machine, for a local instance) has GPUs."""
+    if address is None:
+        return torch.cuda.is_available()
+    import ray
+
+    ray.init(address=address, ignore_reinit_error=True)
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _in_process(model: DeepseekV2ForCausalLM, files: list[InputFile], settings: CollectSettings, out: Path,
+                todo: list[ShardSpec], threads: int | None, bar: tqdm) -> Iterator[dict]:
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        runner = ShardRunner(model, files, settings, out, on_tokens=bar.update)
+        for spec in todo:
+            yield runner.run(spec)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _start(out: Path, job: dict) -> None:
+    """Write the manifest of a new job, or check that `out` holds this same job (then it is resumed)."""
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        try:
+            old = json.loads(manifest.read_text())
+        except json.JSONDecodeError as e:
+            raise CollectError(f"{manifest} is not valid JSON ({e}); delete {out} or choose another output folder") from None
+        differ = [k for k in job if old.get(k) != job[k]]
+        if differ:
+            raise CollectError(
+                f"{out} holds a collection made with other {', '.join(differ)}; rerun with the same model, inputs "
+                "and settings to resume it, or choose another output folder"
+            )
+        for stale in [*out.glob("rows/.*.tmp"), *out.glob("shards/.*.tmp"), *out.glob("shards/.*.tmp/*")]:
+            if stale.is_file():
+                stale.unlink()  # left by an interrupted run; its shard has no summary and reruns
+        return
+    if out.exists() and any(out.iterdir()):
+        raise CollectError(f"{out} is not empty and holds no collection (manifest.json); choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({**job, "complete": False}, indent=1))
+
+
+def _merge(out: Path, job: dict, specs: list[ShardSpec], tokenizer: Tokenizer | None) -> None:
+    """Merge every shard's statistics in shard order and write the corpus-level files."""
+    config = DeepseekV2Config.from_dict(job["model"]["config"])
+    stats = RoutingStats(config.moe_layers, config.n_routed_experts, config.num_experts_per_tok)
+    documents, skipped = [], []
+    for spec in specs:
+        stats = stats.merge(RoutingStats.load(out / "shards", spec.name))
+        summary = json.loads((out / "shards" / f"{spec.name}.json").read_text())
+        documents += summary["documents"]
+        skipped += summary["skipped"]
+    te = stats.token_experts
+    if tokenizer is not None and len(te):
+        unique = sorted(set(te["token_id"].tolist()))
+        texts = dict(zip(unique, tokenizer.token_texts(unique)))
+        te = te.assign(token=[texts[i] for i in te["token_id"].tolist()])
+    stats.token_experts = te
+    stats.save(out, "stats")
+    pd.DataFrame(documents, columns=["doc_index", "doc_id", "tokens"]).to_parquet(out / "documents.parquet", index=False)
+    (out / "skipped.jsonl").write_text("".join(json.dumps(s) + "\n" for s in skipped))
+    totals = {"documents": len(documents), "skipped": len(skipped), "tokens": stats.tokens}
+    (out / "manifest.json").write_text(json.dumps({**job, "complete": True, "totals": totals}, indent=1))
