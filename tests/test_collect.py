@@ -68,7 +68,7 @@ def rows_equal(a: pd.DataFrame, b: pd.DataFrame) -> bool:
 
 
 def test_bad_documents_are_reported_and_skipped_never_truncated(model, corpus_files, tmp_path, capsys):
-    corpus = collect(corpus_files, tmp_path / "out", model=model, docs_per_shard=3, max_tokens=2048)
+    corpus = collect(corpus_files, tmp_path / "out", model=model, docs_per_shard=1, max_tokens=2048)  # shards of one bad record too
     skipped = corpus.skipped()
     reasons = dict(zip(skipped["doc_id"], skipped["reason"]))
     jsonl = str(corpus_files[0])

@@ -70,6 +70,22 @@ ROW_SCHEMA = pa.schema([
 ])
 
 
+def rows_table(arrays: dict[str, np.ndarray]) -> pa.Table:
+    """Row arrays (``experts``/``weights`` as (N, K)) as a table of ROW_SCHEMA, without a Python object per row."""
+    columns = {}
+    for f in ROW_SCHEMA:
+        values = arrays[f.name]
+        if pa.types.is_list(f.type):
+            n, k = values.shape
+            offsets = pa.array(np.arange(0, n * k + 1, max(k, 1))[: n + 1], pa.int32())
+            columns[f.name] = pa.ListArray.from_arrays(offsets, pa.array(values.ravel(), f.type.value_type))
+        elif pa.types.is_dictionary(f.type):
+            columns[f.name] = pa.array(values.tolist(), pa.string()).dictionary_encode()
+        else:
+            columns[f.name] = pa.array(values, f.type)
+    return pa.Table.from_pydict(columns, schema=ROW_SCHEMA)
+
+
 def row_arrays(table: pa.Table) -> dict[str, np.ndarray]:
     """A rows table as numpy arrays, ``experts``/``weights`` as (N, K)."""
     out = {}
@@ -111,7 +127,7 @@ class ShardRunner:
         arrays = self._route(docs, ids)
         config = self.model.config
         stats = RoutingStats.from_rows(config.moe_layers, config.n_routed_experts, config.num_experts_per_tok, arrays, len(docs))
-        table = pa.Table.from_pydict({**arrays, "experts": list(arrays["experts"]), "weights": list(arrays["weights"])}, schema=ROW_SCHEMA)
+        table = rows_table(arrays)
         rows_dir, shard_dir = self.out / "rows", self.out / "shards"
         _atomic(rows_dir / f"part-{spec.name}.parquet", lambda p: pq.write_table(table, p))
         tmp = shard_dir / f".{spec.name}.tmp"
