@@ -95,3 +95,69 @@ assert torch.allclose(margins.double(), reference, atol=1e-7)
 assert (entropy <= math.log(E) + 1e-9).all() and (entropy >= 0).all()
 assert (confidence_fig.data[0].z == margins[:, :len(traces[0])].numpy()).all()
 """)
+
+
+def test_03_latent_kv(run_notebook):
+    run_notebook("03_latent_kv.ipynb", """
+import math
+import numpy as np
+R, dr, L, H = c.kv_lora_rank, c.qk_rope_head_dim, c.num_hidden_layers, c.num_attention_heads
+
+# sizes: (latent + rope key) x layers x bytes, against heads x (nope + rope + v) x layers x bytes
+for name, cfg in (("this model", c), ("DeepSeek-V2-Lite", DEEPSEEK_V2_LITE)):
+    col = sizes[name]
+    assert col["MLA bytes per token (bf16)"] == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 2
+    per_head = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+    assert col["standard bytes per token (bf16)"] == cfg.num_attention_heads * per_head * cfg.num_hidden_layers * 2
+assert sizes["DeepSeek-V2-Lite"]["MLA values per token and layer"] == 576
+assert sizes["DeepSeek-V2-Lite"]["standard values per token and layer"] == 5120
+assert sizes["DeepSeek-V2-Lite"]["MLA bytes per token (bf16)"] == 31104
+
+# the hand-driven cache: its size from the config and the dtype, and it holds what the trace recorded
+assert itemsize == torch.finfo(model.dtype).bits // 8
+assert cache.length == len(ids) == len(model.tokenizer.encode(PROMPT)) + N_NEW
+assert cache.bytes_per_token == (R + dr) * L * itemsize == c.kv_cache_bytes_per_token(itemsize)
+assert cache.nbytes == cache.bytes_per_token * cache.length
+assert trace.token_ids.tolist() == ids, "greedy generate and the hand-driven loop must pick the same tokens"
+for layer in range(L):
+    c_kv, k_pe = trace.latent(layer)
+    assert torch.allclose(c_kv, cache.c_kv[layer, 0, : len(ids)], atol=1e-5)
+    assert torch.allclose(k_pe, cache.k_pe[layer, 0, : len(ids)], atol=1e-5)
+
+# spectrum and summary, recomputed with numpy's SVD
+for layer in range(L):
+    s = np.linalg.svd(trace.latent(layer)[0].double().numpy(), compute_uv=False)
+    p = s / s.sum()
+    rank = math.exp(-(p[p > 0] * np.log(p[p > 0])).sum())
+    energy = np.cumsum(s ** 2) / (s ** 2).sum()
+    row = summary.iloc[layer]
+    assert row.layer == layer and 1 <= row.effective_rank <= min(R, len(trace))
+    assert math.isclose(row.effective_rank, rank, rel_tol=1e-4)
+    assert math.isclose(row.top1_energy, energy[0], rel_tol=1e-4)
+    assert row.rank_for_90pct_energy == int((energy < 0.9).sum()) + 1
+    assert np.allclose(spectrum_fig.data[layer].y, s, rtol=1e-4)
+    assert f"eff. rank {rank:.1f}" in spectrum_fig.data[layer].name
+
+# latent norms
+for layer in range(L):
+    n = trace.latent(layer)[0].norm(dim=-1)
+    assert largest.position[layer] == int(n.argmax()) and math.isclose(largest.norm[layer], float(n.max()), rel_tol=1e-5)
+
+# rope share: in [0, 1]; each head's nope + rope parts equal the model's own scores, and the share recomputed
+# from the model's own scores and pattern (one full forward pass with hooks, not the trace's rebuild)
+assert len(shares) == L * H and shares.rope_share.between(0, 1).all()
+names = [f"model.layers.{layer}.self_attn.{h}" for layer in range(L) for h in ("hook_scores_nope", "hook_scores_rope", "hook_pattern")]
+_, acts = model.run_with_cache(trace.token_ids[None].to(model.device), names=names)
+causal = torch.ones(len(trace), len(trace)).tril().bool()
+for _, r in shares.iterrows():
+    layer, head = int(r.layer), int(r["head"])
+    pre = f"model.layers.{layer}.self_attn."
+    nope, rope, pattern = (acts[pre + h][0, head].double().cpu() for h in ("hook_scores_nope", "hook_scores_rope", "hook_pattern"))
+    view = trace.attention(layer, head)
+    assert torch.allclose((view.scores_nope + view.scores_rope)[causal].double(), (nope + rope)[causal], atol=1e-4)
+    assert torch.allclose(view.pattern.double(), pattern, atol=1e-5)
+    expected = float((pattern * rope.abs()).sum() / (pattern * (nope.abs() + rope.abs())).sum())
+    assert math.isclose(r.rope_share, expected, rel_tol=1e-4), (layer, head, r.rope_share, expected)
+assert (hi.rope_share, lo.rope_share) == (shares.rope_share.max(), shares.rope_share.min())
+assert np.allclose(rope_fig.data[0].z, analysis.head_matrix(shares, "rope_share").numpy(), equal_nan=True)
+""")
