@@ -161,3 +161,50 @@ for _, r in shares.iterrows():
 assert (hi.rope_share, lo.rope_share) == (shares.rope_share.max(), shares.rope_share.min())
 assert np.allclose(rope_fig.data[0].z, analysis.head_matrix(shares, "rope_share").numpy(), equal_nan=True)
 """)
+
+
+def test_04_attention_heads(run_notebook):
+    run_notebook("04_attention_heads.ipynb", """
+import math
+import numpy as np
+L, H, S = c.num_hidden_layers, c.num_attention_heads, len(trace)
+assert ATT_LAYERS == list(range(L)) and len(heads) == L * H
+
+# every head's entropy and masses, from the model's own patterns (one forward pass over the trace's tokens)
+_, acts = model.run_with_cache(trace.token_ids[None].to(model.device), names="*.self_attn.hook_pattern")
+for _, r in heads.iterrows():
+    p = acts[f"model.layers.{int(r.layer)}.self_attn.hook_pattern"][0, int(r['head'])].double().cpu()
+    rows = [-sum(x * math.log(x) for x in row.tolist() if x > 0) for row in p]
+    assert math.isclose(r.entropy, sum(rows) / S, rel_tol=1e-4, abs_tol=1e-6)
+    assert math.isclose(r["previous token"], sum(float(p[q, q - 1]) for q in range(1, S)) / (S - 1), rel_tol=1e-4)
+    assert math.isclose(r["first token"], sum(float(p[q, 0]) for q in range(1, S)) / (S - 1), rel_tol=1e-4, abs_tol=1e-7)
+assert heads.rope_share.between(0, 1).all() and (heads.entropy >= 0).all()
+assert np.allclose(entropy_fig.data[0].z, analysis.head_matrix(heads, "entropy").numpy())
+assert np.allclose(rope_fig.data[0].z, analysis.head_matrix(heads, "rope_share").numpy())
+
+# the previous-token candidate: the largest mass, against the uniform level 1/(q+1)
+assert prev["previous token"] == heads["previous token"].max()
+assert math.isclose(uniform, np.mean([1 / (q + 1) for q in range(1, S)]))
+assert rope_rank == 1 + sum(heads.rope_share > prev.rope_share)
+assert (view.layer, view.head) == (prev.layer, prev["head"])
+assert np.allclose(pattern_fig.data[0].z, view.pattern.numpy())
+causal = np.tril(np.ones((S, S), dtype=bool))
+assert np.allclose(parts_fig.data[1].z[causal], view.scores_nope.numpy()[causal], atol=1e-6)
+assert np.allclose(parts_fig.data[2].z[causal], view.scores_rope.numpy()[causal], atol=1e-6)
+assert np.isnan(parts_fig.data[1].z[~causal]).all()
+
+# the positional head leans more on rope than the content head; their figures show those heads
+assert positional.rope_share == heads.rope_share.max() > heads.rope_share.min() == content.rope_share
+for fig, r in ((positional_fig, positional), (content_fig, content)):
+    v = trace.attention(int(r.layer), int(r["head"]))
+    assert f"layer {int(r.layer)}, head {int(r['head'])}" in fig.layout.title.text
+    assert np.allclose(fig.data[0].z, v.pattern.numpy()) and np.allclose(fig.data[2].z[causal], v.scores_rope.numpy()[causal])
+    assert math.isclose(analysis.rope_share(trace, int(r.layer), int(r["head"])).rope_share[0], r.rope_share)
+
+# the explorer: every recorded layer and head, preset to the candidate, its overviews equal the analyses
+assert [v for _, v in explorer.layer.options] == ATT_LAYERS and [v for _, v in explorer.head.options] == list(range(H))
+assert f"layer {int(prev.layer)}, head {int(prev['head'])}" in explorer.pattern.layout.title.text
+assert np.allclose(explorer.pattern.data[0].z, view.pattern.numpy())
+assert np.allclose(explorer.rope_share.data[0].z, rope_fig.data[0].z)
+assert np.allclose(explorer.entropy.data[0].z, entropy_fig.data[0].z)
+""")
