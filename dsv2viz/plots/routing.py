@@ -270,6 +270,10 @@ def routing_confidence(trace: Trace) -> go.Figure:
     )
 
 
+#: Height of one expert's row in the top-tokens table: two 12 px lines (token, share) and the cell padding.
+TABLE_ROW_PX = 46
+
+
 def top_tokens_per_expert(frame: pd.DataFrame, *, experts: list[int] | None = None) -> go.Figure:
     """A table, one row per expert, of its top tokens and their shares.
 
@@ -297,13 +301,16 @@ def top_tokens_per_expert(frame: pd.DataFrame, *, experts: list[int] | None = No
                 "fill_color": [[expert_color(e, 0.6) for e in chosen]] + ["white"] * (n + 1),
                 "align": "left",
                 "font": {"family": MONO, "size": 12},
-                "height": 38,
+                "height": TABLE_ROW_PX,
             },
         )
     )
-    return style(
+    # sized to show every row (a two-line cell renders 46 px tall; 40 px per row hid the last ones),
+    # with a small bottom margin since a table has no x axis below it: 16 experts fit in 900 px
+    style(
         fig,
         "Top tokens per expert",
-        height=min(900, 170 + 40 * len(chosen)),
+        height=min(900, 150 + TABLE_ROW_PX * len(chosen)),
         subtitle="Each expert's most frequent tokens and their share of all tokens routed to it (routed: that total).",
     )
+    return fig.update_layout(margin_b=20)
