@@ -94,6 +94,30 @@ reference = torch.cat([torch.stack([kth_and_gap(t.router_probs(lay))[1] for lay 
 assert torch.allclose(margins.double(), reference, atol=1e-7)
 assert (entropy <= math.log(E) + 1e-9).all() and (entropy >= 0).all()
 assert (confidence_fig.data[0].z == margins[:, :len(traces[0])].numpy()).all()
+
+# over a corpus: every module head routed whole, utilization recounted from the Parquet rows, the
+# corpus-level enrichment recomputed from the rows' token ids
+import numpy as np
+docs = corpus.documents()
+assert len(docs) == 40 and corpus.skipped().empty
+heads = [json.loads(line)["text"] for line in open(work / "stdlib.jsonl")]
+assert list(docs.tokens) == [len(model.tokenizer.encode(h)) for h in heads]
+rows = corpus.rows(["layer", "experts", "token_id"])
+assert corpus_util.tokens == corpus.tokens == docs.tokens.sum() == len(rows) // len(moe)
+for row, lay in enumerate(moe):
+    recount = np.bincount(np.concatenate(rows.experts[rows.layer == lay].to_numpy()), minlength=E)
+    assert corpus_util.counts[row].tolist() == recount.tolist()
+assert (corpus_util_fig.data[0].z == corpus_util.counts.numpy()).all()
+assert math.isclose(corpus_chance_cv, math.sqrt((E - K) / (K * corpus.tokens)))
+mine = rows[rows.layer == layer]
+slot_kinds = [kind_of(t) for tid, chosen in zip(mine.token_id, mine.experts)
+              for t in corpus.token_text([tid]) for _ in chosen]
+slot_experts = np.concatenate(mine.experts.to_numpy())
+for _, h in held.iterrows():
+    of_e = [k for k, e in zip(slot_kinds, slot_experts) if e == h.expert]
+    expected = (of_e.count(h.kind) / len(of_e)) / (slot_kinds.count(h.kind) / len(slot_kinds))
+    assert math.isclose(h["enrichment, corpus"], expected, rel_tol=1e-9)
+assert (corpus_co_fig.data[0].z == analysis.coactivation(corpus, layer).numpy()).all()
 """)
 
 
