@@ -121,3 +121,94 @@ assert list(changed_fig.data[0].y) == list(results)
 assert (changed_fig.data[0].z == torch.stack([cmp.routing_changed for _, cmp in results.values()]).numpy()).all()
 """)
 
+
+def test_06_hook_api(run_notebook):
+    run_notebook("06_hook_api.ipynb", """
+import math
+from collections import Counter
+
+K, E, H, R, moe = c.num_experts_per_tok, c.n_routed_experts, c.num_attention_heads, c.kv_lora_rank, c.moe_layers
+L, T = c.num_hidden_layers, ids.shape[1]
+
+# names: every HookPoint submodule under its module path, ending in hook_*; the selections the notebook shows
+modules = {n: m for n, m in model.named_modules() if isinstance(m, dsv2viz.HookPoint)}
+assert sorted(names) == sorted(modules) and all(model.hook_points[n] is modules[n] for n in names)
+assert all(n.rsplit(".", 1)[-1].startswith("hook_") for n in names)
+assert layer == moe[0] and one_layer == [n for n in names if n.startswith(f"model.layers.{layer}.")]
+assert len(one_layer) - len(shown) == E - 1
+assert model.hook_names("*.mlp.gate.hook_topk_idx") == [f"model.layers.{i}.mlp.gate.hook_topk_idx" for i in moe]
+
+# run_with_cache: exactly the selected names, shapes from the config, a causal softmax pattern
+expected = {f"model.layers.{i}.self_attn.hook_c_kv" for i in range(L)} | {f"model.layers.{i}.mlp.gate.hook_topk_idx" for i in moe}
+expected.add(f"model.layers.{layer}.self_attn.hook_pattern")
+assert set(acts) == expected
+assert tuple(logits.shape) == (1, T, c.vocab_size)
+for i in range(L):
+    assert tuple(acts[f"model.layers.{i}.self_attn.hook_c_kv"].shape) == (1, T, R)
+for i in moe:
+    idx = acts[f"model.layers.{i}.mlp.gate.hook_topk_idx"]
+    assert tuple(idx.shape) == (1, T, K) and idx.dtype == torch.int64 and 0 <= idx.min() and idx.max() < E
+pattern = acts[f"model.layers.{layer}.self_attn.hook_pattern"]
+assert tuple(pattern.shape) == (1, H, T, T)
+assert torch.allclose(pattern.sum(-1), torch.ones(1, H, T), atol=1e-5) and (pattern.triu(1) == 0).all()
+assert tuple(latents.shape) == (L, 1, T, R) and torch.equal(latents[layer], acts[f"model.layers.{layer}.self_attn.hook_c_kv"])
+
+# reading: the recorded norms are those of the residual stream after each layer
+_, resid = model.run_with_cache(ids, names="*.hook_resid_post")
+assert list(resid_norms) == [f"model.layers.{i}.hook_resid_post" for i in range(L)]
+for n, v in resid_norms.items():
+    assert math.isclose(float(v), float(resid[n][0].norm(dim=-1).mean()), rel_tol=1e-5)
+
+# replacing: with the rope scores zeroed, each pattern is the causal softmax of the content scores alone
+with model.hooks([("*.self_attn.hook_scores_rope", no_rope)]):
+    again, seen = model.run_with_cache(ids, names=["*.self_attn.hook_scores_nope", "*.self_attn.hook_pattern"])
+assert torch.equal(again, no_position) and not torch.allclose(no_position, logits)
+causal = torch.ones(T, T, dtype=torch.bool).tril()
+for i in range(L):
+    nope = seen[f"model.layers.{i}.self_attn.hook_scores_nope"].masked_fill(~causal, float("-inf"))
+    assert torch.allclose(seen[f"model.layers.{i}.self_attn.hook_pattern"], nope.softmax(-1), atol=1e-5)
+for lg, column in ((logits, "next token, model as is"), (no_position, "without rope scores")):
+    p = lg[0, -1].float().softmax(-1)
+    order = sorted(range(c.vocab_size), key=lambda t: -float(p[t]))[:5]
+    assert [s.rsplit(" ", 1)[0] for s in top_next(lg)] == [repr(model.tokenizer.decode([t])) for t in order]
+
+# the hand-written counter: the experts of every recorded position of both traces, nothing attached afterwards
+ref = torch.zeros(len(moe), E, dtype=torch.int64)
+for t in traces:
+    for row, i in enumerate(moe):
+        for e, n in Counter(t.routing(i)[0].flatten().tolist()).items():
+            ref[row, e] += n
+assert torch.equal(counts.cpu(), ref) and int(ref.sum()) == sum(len(t) for t in traces) * K * len(moe)
+assert [len(t) - t.prompt_len for t in traces] == [N_NEW, N_NEW]
+assert not any(h.active for h in model.hook_points.values())
+
+# head writes: recomputed from the captured z and o_proj; summed over heads they are the attention output
+_, za = model.run_with_cache(ids, names=["*.self_attn.hook_z", "*.self_attn.hook_out"])
+assert head_norms[["layer", "head"]].values.tolist() == [[i, h] for i in range(L) for h in range(H)]
+for i in range(L):
+    z = za[f"model.layers.{i}.self_attn.hook_z"][0]  # (T, H, dv)
+    w = model.model.layers[i].self_attn.o_proj.weight
+    per_head = [z[:, h] @ w[:, h * c.v_head_dim:(h + 1) * c.v_head_dim].T for h in range(H)]  # (T, D) each
+    assert torch.allclose(sum(per_head), za[f"model.layers.{i}.self_attn.hook_out"][0], atol=1e-4)
+    for h in range(H):
+        got = head_norms[(head_norms.layer == i) & (head_norms["head"] == h)].write_norm.item()
+        assert math.isclose(got, float(per_head[h].norm(dim=-1).mean()), rel_tol=1e-4)
+assert (heads_fig.data[0].z == analysis.head_matrix(head_norms, "write_norm").numpy()).all()
+
+# the pandas analysis: each layer's mean first-choice share of the routed weight, prompt and generated apart
+t = traces[0]
+for i in moe:
+    experts, weights = t.routing(i)
+    share = weights[:, 0].double() / weights.double().sum(-1)
+    for part, span in (("prompt", slice(0, t.prompt_len)), ("generated", slice(t.prompt_len, None))):
+        assert math.isclose(first_share.loc[i, part], float(share[span].mean()), rel_tol=1e-5), (i, part)
+
+# failing hooks: HookErrors naming the hook point and function; nothing left attached; same forward pass
+assert f"model.layers.{layer}.self_attn.hook_z" in str(shape_error) and "drop_a_head" in str(shape_error)
+assert f"model.layers.{moe[0]}.mlp.gate.hook_topk_idx" in str(crash_error) and "crash" in str(crash_error)
+assert isinstance(crash_error.__cause__, ValueError)
+assert still_attached == [] and not any(h.active for h in model.hook_points.values())
+assert torch.equal(before, after)
+# and as the first forward pass of the notebook (its recorded pattern took the explicit-scores path: rounding only)
+assert torch.allclose(after, logits, atol=1e-4)
+""")
