@@ -17,7 +17,7 @@ import torch
 
 import dsv2viz
 from dsv2viz import analysis, plots
-from dsv2viz.corpus import CollectError, CollectSettings, Corpus, RoutingStats, collect
+from dsv2viz.corpus import CollectError, CollectSettings, Corpus, collect
 from dsv2viz.corpus.documents import plan_shards
 from dsv2viz.corpus.shard import ShardRunner
 
@@ -96,7 +96,7 @@ def test_statistics_equal_a_recount_of_the_rows(model, corpus_files, tmp_path):
     corpus = collect(corpus_files, tmp_path / "out", model=model, docs_per_shard=2, progress=False)
     rows = corpus.rows()
     cfg = model.config
-    E, K, layers = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_layers
+    E, layers = cfg.n_routed_experts, cfg.moe_layers
     stats = corpus.stats
     assert stats.tokens == len(rows) // len(layers) and stats.documents == 8
     slots = rows[["layer", "token_id", "experts", "weights"]].explode(["experts", "weights"])

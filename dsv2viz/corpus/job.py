@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import DeepseekV2Config
-from ..loading import DEMO_MODEL, default_device, default_dtype, load
+from ..loading import DEMO_MODEL, default_dtype, load
 from ..model import DeepseekV2ForCausalLM
 from ..tokenizer import Tokenizer
 from .corpus import FORMAT, VERSION, Corpus

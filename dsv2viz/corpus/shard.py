@@ -184,7 +184,7 @@ class ShardRunner:
             def keep(value: torch.Tensor, hook) -> None:
                 seen[hook.name] = value.detach()
 
-            names = [f"model.layers.{l}.mlp.gate.hook_{w}" for l in layers for w in ("probs", "topk_idx", "topk_weights")]
+            names = [f"model.layers.{m}.mlp.gate.hook_{w}" for m in layers for w in ("probs", "topk_idx", "topk_weights")]
             model.run_with_hooks(x, fwd_hooks=[(names, keep)], last_only=True)
             for layer in layers:
                 gate = f"model.layers.{layer}.mlp.gate.hook_"
