@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 
 from ..config import DeepseekV2Config
 from .documents import CollectError
+from .shard import row_arrays
 from .stats import RoutingStats
 
 FORMAT = "dsv2viz-collection"
@@ -83,8 +84,6 @@ class Corpus:
 
     def per_layer(self, column: str) -> np.ndarray:
         """(M, N) one scalar column of the rows, one row per MoE layer, tokens in corpus order."""
-        from .shard import row_arrays
-
         arrays = row_arrays(self.table([column, "layer"]))
         return np.stack([arrays[column][arrays["layer"] == layer] for layer in self.moe_layers])
 

@@ -175,6 +175,7 @@ class ShardRunner:
         """Per-token routing rows of the documents, sorted by (doc_index, position, layer)."""
         config, model = self.model.config, self.model
         K, layers = config.num_experts_per_tok, config.moe_layers
+        names = [f"model.layers.{m}.mlp.gate.hook_{w}" for m in layers for w in ("probs", "topk_idx", "topk_weights")]
         parts: list[dict[str, np.ndarray]] = []
         for batch in self._batches(ids):
             T = len(ids[batch[0]])
@@ -184,7 +185,6 @@ class ShardRunner:
             def keep(value: torch.Tensor, hook) -> None:
                 seen[hook.name] = value.detach()
 
-            names = [f"model.layers.{m}.mlp.gate.hook_{w}" for m in layers for w in ("probs", "topk_idx", "topk_weights")]
             model.run_with_hooks(x, fwd_hooks=[(names, keep)], last_only=True)
             for layer in layers:
                 gate = f"model.layers.{layer}.mlp.gate.hook_"
