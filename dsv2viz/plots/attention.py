@@ -117,7 +117,7 @@ def attention_parts(view: AttentionView, token_texts: Sequence[str]) -> go.Figur
         rows=1,
         cols=3,
         shared_yaxes=True,
-        horizontal_spacing=0.07,
+        horizontal_spacing=0.1,  # room for the pattern's colour bar and its tick labels between the panels
         subplot_titles=("pattern (softmax)", "content score (nope)", "position score (rope)"),
     )
     for col, (z, what, axis) in enumerate(
