@@ -275,3 +275,25 @@ def test_cli_collect_then_resume(corpus_files, tmp_path):
     assert Corpus.open(tmp_path / "out").stats == corpus.stats
     other = subprocess.run(cmd[:-1] + ["--max-tokens", "100", "--quiet"], capture_output=True, text=True)
     assert other.returncode == 1 and other.stderr.startswith("dsv2viz collect: error:") and "Traceback" not in other.stderr
+
+
+def test_a_selection_of_documents_has_the_statistics_of_collecting_them_alone(model, corpus_files, tmp_path):
+    """Code against prose, one source against another: select() recomputes everything from the chosen rows."""
+    corpus = collect(corpus_files, tmp_path / "all", model=model, progress=False)
+    docs = corpus.documents()
+    chosen = docs[docs["doc_id"].isin(["doc1", "doc3", "p1"])]
+    part = corpus.select(chosen["doc_index"])
+    alone_file = tmp_path / "alone.jsonl"
+    alone_file.write_text("".join(json.dumps({"text": texts()[i]}) + "\n" for i in (1, 3, 6)))
+    alone = collect([alone_file], tmp_path / "alone", model=model, progress=False)
+    assert part.stats.documents == 3 and part.tokens == alone.tokens == chosen["tokens"].sum()
+    for name in ("counts", "coactivation", "near_ties", "entropy_hist"):
+        assert torch.equal(getattr(part.stats, name), getattr(alone.stats, name)), name
+    assert torch.allclose(part.stats.entropy_sum, alone.stats.entropy_sum, rtol=1e-6)
+    assert part.stats.token_experts.equals(alone.stats.token_experts)
+    assert torch.equal(analysis.expert_utilization(part).counts, analysis.expert_utilization(alone).counts)
+    assert set(part.rows(["doc_index"])["doc_index"]) == set(chosen["doc_index"])
+    assert list(part.documents()["doc_id"]) == ["doc1", "doc3", "p1"]
+    assert analysis.routing_entropy(part).shape == (len(model.config.moe_layers), part.tokens)
+    with pytest.raises(CollectError, match=r"documents \[2\] are not among"):
+        corpus.select([2])  # the bad JSON line: skipped, so never routed

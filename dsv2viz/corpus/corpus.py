@@ -6,9 +6,11 @@ plots and the routing notebook work on a million collected tokens as on one gene
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +29,10 @@ VERSION = 1
 class Corpus:
     """The output folder of :func:`dsv2viz.corpus.collect`."""
 
-    def __init__(self, folder: Path, manifest: dict, stats: RoutingStats) -> None:
+    def __init__(self, folder: Path, manifest: dict, stats: RoutingStats, doc_index: list[int] | None = None) -> None:
         self.folder, self.manifest, self.stats = folder, manifest, stats
         self.config = DeepseekV2Config.from_dict(manifest["model"]["config"])
+        self.doc_index = doc_index  # the documents this view covers; None: all of them (see select)
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> Corpus:
@@ -54,9 +57,27 @@ class Corpus:
         """Tokens routed (documents' tokens, BOS included)."""
         return self.stats.tokens
 
+    def select(self, doc_index: Iterable[int]) -> Corpus:
+        """The corpus restricted to some documents (code against prose, one source against another), with
+        its statistics recomputed from their rows; every analysis then sees only them.
+
+        `doc_index` values come from :meth:`documents` (e.g. ``docs[docs.doc_id.str.endswith(".py")].doc_index``).
+        """
+        wanted = sorted({int(i) for i in doc_index})
+        unknown = set(wanted) - set(self.documents()["doc_index"].tolist()) if self.doc_index is None else set(wanted) - set(self.doc_index)
+        if unknown:
+            raise CollectError(f"documents {sorted(unknown)[:5]} are not among this corpus's routed documents (see .documents())")
+        view = Corpus(self.folder, self.manifest, self.stats, wanted)
+        c = self.config
+        stats = RoutingStats.from_rows(c.moe_layers, c.n_routed_experts, c.num_experts_per_tok, row_arrays(view.table()), len(wanted))
+        stats.token_experts = stats.token_experts.assign(token=self.token_text(stats.token_experts["token_id"].tolist()))
+        view.stats = stats
+        return view
+
     def documents(self) -> pd.DataFrame:
         """(doc_index, doc_id, tokens) of every routed document, in corpus order."""
-        return pd.read_parquet(self.folder / "documents.parquet")
+        docs = pd.read_parquet(self.folder / "documents.parquet")
+        return docs if self.doc_index is None else docs[docs["doc_index"].isin(self.doc_index)].reset_index(drop=True)
 
     def skipped(self) -> pd.DataFrame:
         """(doc_index, doc_id, reason) of every skipped document."""
@@ -71,7 +92,12 @@ class Corpus:
     def table(self, columns: Sequence[str] | None = None, *, layers: Sequence[int] | None = None):
         """:meth:`rows` as a pyarrow Table (no copy into pandas objects)."""
         dataset = pads.dataset(self.folder / "rows", format="parquet")
-        filter = pads.field("layer").isin(list(layers)) if layers is not None else None
+        conditions = []
+        if layers is not None:
+            conditions.append(pads.field("layer").isin(list(layers)))
+        if self.doc_index is not None:
+            conditions.append(pads.field("doc_index").isin(self.doc_index))
+        filter = functools.reduce(operator.and_, conditions) if conditions else None
         return dataset.to_table(columns=list(columns) if columns else None, filter=filter)
 
     def token_text(self, token_ids: Sequence[int]) -> list[str]:
@@ -88,5 +114,5 @@ class Corpus:
         return np.stack([arrays[column][arrays["layer"] == layer] for layer in self.moe_layers])
 
     def __repr__(self) -> str:
-        t = self.manifest.get("totals", {})
-        return f"Corpus({str(self.folder)!r}, documents={t.get('documents')}, tokens={self.tokens}, skipped={t.get('skipped')})"
+        part = "" if self.doc_index is None else ", selected"
+        return f"Corpus({str(self.folder)!r}, documents={self.stats.documents}, tokens={self.tokens}{part})"
