@@ -71,6 +71,10 @@ def collect(
     """
     settings = dataclasses.replace(settings or CollectSettings(), **options)
     out = Path(out)
+    if ray:
+        from .ray_backend import require_ray
+
+        require_ray()  # before anything is written
     files, specs = plan_shards(inputs, settings.docs_per_shard, settings.text_field)
     if ray:
         if isinstance(model, DeepseekV2ForCausalLM):

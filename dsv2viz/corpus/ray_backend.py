@@ -18,6 +18,16 @@ from .documents import CollectError, InputFile, ShardSpec
 from .shard import CollectSettings
 
 
+def require_ray():
+    """The ray module, or a CollectError saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the data extra)
+    except ImportError:
+        raise CollectError("Ray is not installed: pip install 'dsv2viz[ray]' (or run without --ray)") from None
+    return ray
+
+
 class _ShardActor:
     """A Ray actor: one loaded model; each call routes one shard and returns its summary as JSON."""
 
@@ -42,10 +52,7 @@ def run_shards(
     dtype: str, device: str, threads: int | None, address: str | None, workers: int | None, gpus_per_worker: float | None,
 ) -> Iterator[dict]:
     """Run `todo` on a Ray cluster (`address`) or a local Ray instance; yields each shard's summary as it ends."""
-    try:
-        import ray
-    except ImportError:
-        raise CollectError("Ray is not installed: pip install 'dsv2viz[ray]' (or run without --ray)") from None
+    ray = require_ray()
     if not todo:
         return
     started = not ray.is_initialized()
