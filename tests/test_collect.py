@@ -297,3 +297,10 @@ def test_a_selection_of_documents_has_the_statistics_of_collecting_them_alone(mo
     assert analysis.routing_entropy(part).shape == (len(model.config.moe_layers), part.tokens)
     with pytest.raises(CollectError, match=r"documents \[2\] are not among"):
         corpus.select([2])  # the bad JSON line: skipped, so never routed
+
+
+def test_ray_missing_is_said_before_anything_is_written(corpus_files, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError, as without the extra
+    with pytest.raises(CollectError, match=r"Ray is not installed: pip install 'dsv2viz\[ray\]'"):
+        collect(corpus_files, tmp_path / "out", ray=True)
+    assert not (tmp_path / "out").exists()
