@@ -110,8 +110,9 @@ for row, lay in enumerate(moe):
 assert (corpus_util_fig.data[0].z == corpus_util.counts.numpy()).all()
 assert math.isclose(corpus_chance_cv, math.sqrt((E - K) / (K * corpus.tokens)))
 mine = rows[rows.layer == layer]
-slot_kinds = [kind_of(t) for tid, chosen in zip(mine.token_id, mine.experts)
-              for t in corpus.token_text([tid]) for _ in chosen]
+ids = sorted(set(mine.token_id.tolist()))
+text_of = dict(zip(ids, corpus.token_text(ids)))
+slot_kinds = [kind_of(text_of[tid]) for tid, chosen in zip(mine.token_id, mine.experts) for _ in chosen]
 slot_experts = np.concatenate(mine.experts.to_numpy())
 for _, h in held.iterrows():
     of_e = [k for k, e in zip(slot_kinds, slot_experts) if e == h.expert]
