@@ -138,20 +138,28 @@ def topk_weight_entropy(traces: Routed) -> torch.Tensor:
 
 
 @dataclass
-class _Margin:
-    """One MoE layer's top-k margins: each token's K-th and (K+1)-th likeliest experts and their gap."""
+class RouterMargin:
+    """Top-k margins of router distributions: each token's K-th and (K+1)-th likeliest experts and their gap."""
 
-    margin: torch.Tensor  # (S,) probability of the K-th minus that of the (K+1)-th
-    kth_prob: torch.Tensor  # (S,)
-    kth_expert: torch.Tensor  # (S,)
-    next_expert: torch.Tensor  # (S,)
+    margin: torch.Tensor  # (...) probability of the K-th minus that of the (K+1)-th
+    kth_prob: torch.Tensor  # (...)
+    kth_expert: torch.Tensor  # (...)
+    next_expert: torch.Tensor  # (...)
+
+    def near_tie(self, threshold: float | None = None) -> torch.Tensor:
+        """(...) bool: margin below `threshold`, or by default below 2**-8 of the K-th probability (see near_ties)."""
+        return self.margin < (self.kth_prob * BF16_ROUNDOFF if threshold is None else threshold)
 
 
-def _margin(t: Trace, layer: int) -> _Margin:
-    K = t.config.num_experts_per_tok
-    best = t.router_probs(layer).topk(K + 1, dim=-1)
+def router_margin(probs: torch.Tensor, k: int) -> RouterMargin:
+    """The top-`k` margins of router distributions `probs` (..., E); shared by traces and collected corpora."""
+    best = probs.topk(k + 1, dim=-1)
     p, e = best.values, best.indices
-    return _Margin(p[:, K - 1] - p[:, K], p[:, K - 1], e[:, K - 1], e[:, K])
+    return RouterMargin(p[..., k - 1] - p[..., k], p[..., k - 1], e[..., k - 1], e[..., k])
+
+
+def _margin(t: Trace, layer: int) -> RouterMargin:
+    return router_margin(t.router_probs(layer), t.config.num_experts_per_tok)
 
 
 def topk_margin(traces: Routed) -> torch.Tensor:
@@ -188,8 +196,7 @@ def near_ties(traces: Routed, threshold: float | None = None) -> pd.DataFrame:
         rows = []
         for layer in t.moe_layers:
             m = _margin(t, layer)
-            limit = m.kth_prob * BF16_ROUNDOFF if threshold is None else torch.full_like(m.margin, threshold)
-            for pos in (m.margin < limit).nonzero().flatten().tolist():
+            for pos in m.near_tie(threshold).nonzero().flatten().tolist():
                 expert, runner_up = int(m.kth_expert[pos]), int(m.next_expert[pos])
                 rows.append((pos, layer, t.token_texts[pos], expert, runner_up, float(m.margin[pos])))
         columns = ["position", "layer", "token", "kth_expert", "next_expert", "margin"]

@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..analysis.routing import BF16_ROUNDOFF
+from ..analysis._common import entropy
+from ..analysis.routing import router_margin
 from ..model import DeepseekV2ForCausalLM
 from .documents import CollectError, Document, InputFile, ShardSpec, read_shard
 from .stats import RoutingStats
@@ -189,13 +190,11 @@ class ShardRunner:
             for layer in layers:
                 gate = f"model.layers.{layer}.mlp.gate.hook_"
                 probs = seen[gate + "probs"].float()  # (B, T, E)
-                best = probs.topk(K + 1, dim=-1)  # (B, T, K+1)
-                margin = best.values[..., K - 1] - best.values[..., K]
-                limit = best.values[..., K - 1] * BF16_ROUNDOFF if self.settings.near_tie_threshold is None else self.settings.near_tie_threshold
+                m = router_margin(probs, K)  # (B, T) each
                 per_token = {
                     "experts": seen[gate + "topk_idx"], "weights": seen[gate + "topk_weights"].float(),
-                    "entropy": torch.special.entr(probs).sum(-1), "margin": margin,
-                    "kth_expert": best.indices[..., K - 1], "next_expert": best.indices[..., K], "near_tie": margin < limit,
+                    "entropy": entropy(probs).float(), "margin": m.margin, "kth_expert": m.kth_expert,
+                    "next_expert": m.next_expert, "near_tie": m.near_tie(self.settings.near_tie_threshold),
                 }
                 per_token = {k: v.cpu().numpy() for k, v in per_token.items()}
                 for b, i in enumerate(batch):
