@@ -97,10 +97,14 @@ def main() -> None:
     runs = [(label, statistics.median(ts), n_tokens) for label, ts in seconds.items()]
     base = n_tokens / runs[0][1]
     print(f"$ python {' '.join(shlex.quote(a) for a in sys.argv)}")
-    print(f"torch {torch.__version__}, {cores} CPU cores; {runs[0][2]:,} tokens in {args.docs} documents "
-          f"(at most {args.doc_chars} characters, {args.docs_per_shard} per shard); medians of {args.repeats} repeats; "
-          f"Ray start-up alone {startup:.1f} s\n")
-    print(f"| {'configuration':<26} | {'seconds':>7} | {'tokens/s':>8} | {'vs in-process':>13} | {'after start-up':>14} |")
+    print(
+        f"torch {torch.__version__}, {cores} CPU cores; {runs[0][2]:,} tokens in {args.docs} documents "
+        f"(at most {args.doc_chars} characters, {args.docs_per_shard} per shard); medians of {args.repeats} repeats; "
+        f"Ray start-up alone {startup:.1f} s\n"
+    )
+    print(
+        f"| {'configuration':<26} | {'seconds':>7} | {'tokens/s':>8} | {'vs in-process':>13} | {'after start-up':>14} |"
+    )
     print(f"|{'-' * 28}|{'-' * 9}:|{'-' * 10}:|{'-' * 15}:|{'-' * 16}:|")
     for label, secs, tokens in runs:
         rate = tokens / secs

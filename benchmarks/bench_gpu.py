@@ -77,7 +77,9 @@ def main() -> None:
     if device.type == "cuda":
         print(f"weights on GPU: {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB")
     vocab = config.vocab_size
-    print(f"\n{'context':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'+recording':>12}{'peak GiB':>10}{'cache MiB':>11}")
+    print(
+        f"\n{'context':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'+recording':>12}{'peak GiB':>10}{'cache MiB':>11}"
+    )
     for S in args.contexts:
         if S + args.decode_steps > config.max_position_embeddings:
             continue
@@ -85,12 +87,12 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        def prefill() -> None:
+        def prefill(ids: torch.Tensor = ids, S: int = S) -> None:
             model(ids, model.new_cache(1, S + args.decode_steps), last_only=True)
 
         prefill_s = timed(prefill, device, args.repeats)
 
-        def decode(record: Recording) -> float:
+        def decode(record: Recording, ids: torch.Tensor = ids) -> float:
             """Greedy decode tokens/s through model.generate after a prefill of S tokens (prefill excluded)."""
             stamps = []
             for _ in model.generate(ids[0].tolist(), args.decode_steps, record=record, stop_tokens=()):
@@ -102,9 +104,13 @@ def main() -> None:
         recorded = statistics.median(decode(Recording()) for _ in range(args.repeats))
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         cache_mib = config.kv_cache_bytes_per_token(2) * (S + args.decode_steps) / 2**20
-        print(f"{S:>8}{S / prefill_s:>15.0f}{plain:>14.1f}{plain / recorded - 1:>+12.1%}{peak:>10.2f}{cache_mib:>11.1f}")
-    print(f"\nlatent cache: {config.kv_cache_bytes_per_token(2):,} bytes/token in bf16 "
-          f"({config.mha_cache_bytes_per_token(2) / config.kv_cache_bytes_per_token(2):.1f}x less than a standard cache)")
+        print(
+            f"{S:>8}{S / prefill_s:>15.0f}{plain:>14.1f}{plain / recorded - 1:>+12.1%}{peak:>10.2f}{cache_mib:>11.1f}"
+        )
+    print(
+        f"\nlatent cache: {config.kv_cache_bytes_per_token(2):,} bytes/token in bf16 "
+        f"({config.mha_cache_bytes_per_token(2) / config.kv_cache_bytes_per_token(2):.1f}x less than a standard cache)"
+    )
 
 
 if __name__ == "__main__":

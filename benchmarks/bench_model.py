@@ -58,8 +58,10 @@ def check_parity(ref: HFModel, ours: dsv2viz.DeepseekV2ForCausalLM, vocab: int) 
     out = ref(ids[:, :32], use_cache=True)
     ref_step = ref(ids[:, 32:], cache=out.cache, use_cache=True).logits
     cache = ours.new_cache(1, 33)
-    diff = max((ours(ids[:, :32], cache) - out.logits).abs().max().item(),
-               (ours(ids[:, 32:], cache, last_only=True) - ref_step).abs().max().item())
+    diff = max(
+        (ours(ids[:, :32], cache) - out.logits).abs().max().item(),
+        (ours(ids[:, 32:], cache, last_only=True) - ref_step).abs().max().item(),
+    )
     assert diff < 1e-3, f"dsv2viz and transformers disagree: max |logit diff| {diff:.2e}"
     return diff
 
@@ -115,11 +117,13 @@ def main() -> None:
         ref.save_pretrained(folder)
         ours = dsv2viz.load(folder, device="cpu", dtype=torch.float32, progress=False)
     n_params = sum(p.numel() for p in ours.parameters())
-    print(f"model ({args.size}): {n_params / 1e6:.1f}M params fp32, vocab {c.vocab_size}, hidden {c.hidden_size}, "
-          f"{c.num_hidden_layers} layers ({c.first_k_dense_replace} dense), {c.num_attention_heads} heads, "
-          f"kv_lora {c.kv_lora_rank}, qk {c.qk_nope_head_dim}+{c.qk_rope_head_dim}, v {c.v_head_dim}, "
-          f"{c.n_routed_experts} experts top-{c.num_experts_per_tok} + {c.n_shared_experts} shared "
-          f"(moe {c.moe_intermediate_size}, dense {c.intermediate_size}), YaRN x{c.rope_parameters['factor']:g}")
+    print(
+        f"model ({args.size}): {n_params / 1e6:.1f}M params fp32, vocab {c.vocab_size}, hidden {c.hidden_size}, "
+        f"{c.num_hidden_layers} layers ({c.first_k_dense_replace} dense), {c.num_attention_heads} heads, "
+        f"kv_lora {c.kv_lora_rank}, qk {c.qk_nope_head_dim}+{c.qk_rope_head_dim}, v {c.v_head_dim}, "
+        f"{c.n_routed_experts} experts top-{c.num_experts_per_tok} + {c.n_shared_experts} shared "
+        f"(moe {c.moe_intermediate_size}, dense {c.intermediate_size}), YaRN x{c.rope_parameters['factor']:g}"
+    )
     print(f"transformers: attn {c._attn_implementation}, experts {c._experts_implementation}")
     print(f"{args.decode_steps} decode steps, {args.repeats} repeats, batch 1")
     with torch.inference_mode():
@@ -131,12 +135,30 @@ def main() -> None:
         prefill, decode, kv = measure(ours, ref, prompt_len, args.decode_steps, args.repeats)
         p_ratio, d_ratio = prefill["ours"] / prefill["transformers"], decode["ours"] / decode["transformers"]
         rows += [
-            (str(prompt_len), "prefill tok/s", f"{prefill['ours']:.1f}", f"{prefill['transformers']:.1f}", "",
-             f"{p_ratio:.2f}x  {verdict(p_ratio, TARGETS['prefill'])}"),
-            ("", "decode tok/s", f"{decode['ours']:.2f}", f"{decode['transformers']:.2f}", "",
-             f"{d_ratio:.2f}x  {verdict(d_ratio, TARGETS['decode'])}"),
-            ("", "KV bytes/token", f"{kv['ours']:,}", f"{kv['transformers']:,}", f"{mha:,}",
-             f"{mha / kv['ours']:.1f}x smaller than standard MHA"),
+            (
+                str(prompt_len),
+                "prefill tok/s",
+                f"{prefill['ours']:.1f}",
+                f"{prefill['transformers']:.1f}",
+                "",
+                f"{p_ratio:.2f}x  {verdict(p_ratio, TARGETS['prefill'])}",
+            ),
+            (
+                "",
+                "decode tok/s",
+                f"{decode['ours']:.2f}",
+                f"{decode['transformers']:.2f}",
+                "",
+                f"{d_ratio:.2f}x  {verdict(d_ratio, TARGETS['decode'])}",
+            ),
+            (
+                "",
+                "KV bytes/token",
+                f"{kv['ours']:,}",
+                f"{kv['transformers']:,}",
+                f"{mha:,}",
+                f"{mha / kv['ours']:.1f}x smaller than standard MHA",
+            ),
         ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:

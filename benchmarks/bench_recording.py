@@ -61,15 +61,19 @@ def main() -> None:
 
     config = DeepseekV2Config.from_dict({**COMMON, **SIZES[args.size]})
     model = DeepseekV2ForCausalLM(config).init_weights(std=0.02).eval().requires_grad_(False)
-    prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(
+        0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)
+    ).tolist()
     ways = {
         "stripped": None,
         "none": Recording.off(),
         "default": Recording(),
         "attention": Recording(attention="full", queries=True, attention_layers=[config.num_hidden_layers - 1]),
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.size}: hidden {config.hidden_size}, "
-          f"{config.num_hidden_layers} layers, {config.n_routed_experts} experts top-{config.num_experts_per_tok}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.size}: hidden {config.hidden_size}, "
+        f"{config.num_hidden_layers} layers, {config.n_routed_experts} experts top-{config.num_experts_per_tok}"
+    )
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
     for record in ways.values():  # warm-up
         decode_rate(model, prompt, 4, record)

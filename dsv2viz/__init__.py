@@ -1,9 +1,9 @@
 """dsv2viz: look inside DeepSeek-V2-Lite: its latent attention, its experts and their router.
 
-    model = dsv2viz.load("/path/to/DeepSeek-V2-Lite")
-    logits, acts = model.run_with_cache(ids, names="*.mlp.gate.hook_topk_idx")
-    trace = model.generate("def fibonacci(n):", 40).run()
-    dsv2viz.report(trace, "trace.html")
+model = dsv2viz.load("/path/to/DeepSeek-V2-Lite")
+logits, acts = model.run_with_cache(ids, names="*.mlp.gate.hook_topk_idx")
+trace = model.generate("def fibonacci(n):", 40).run()
+dsv2viz.report(trace, "trace.html")
 """
 
 from .checkpoint import CheckpointError

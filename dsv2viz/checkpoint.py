@@ -30,9 +30,16 @@ MAX_HEADER_BYTES = 100 * 2**20
 READ_CHUNK_BYTES = 64 * 2**20  # progress granularity; also keeps each read() call well under OS limits
 
 _DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
@@ -70,8 +77,10 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
             raise CheckpointError(f"{path}: file is truncated ({size} bytes, not even a header length); {REDOWNLOAD}")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CheckpointError(f"{path}: header length {header_len} is absurd (over 100 MB or past the end of "
-                                  f"this {size}-byte file): truncated, corrupt or not safetensors; {REDOWNLOAD}")
+            raise CheckpointError(
+                f"{path}: header length {header_len} is absurd (over 100 MB or past the end of "
+                f"this {size}-byte file): truncated, corrupt or not safetensors; {REDOWNLOAD}"
+            )
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
@@ -88,23 +97,34 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
             raise CheckpointError(f"{where}: header entry lacks dtype/shape/data_offsets; {REDOWNLOAD}")
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
-            raise CheckpointError(f"{where}: unsupported dtype {info['dtype']!r} (supported: {', '.join(_DTYPES)}); "
-                                  "convert the checkpoint to one of these")
+            raise CheckpointError(
+                f"{where}: unsupported dtype {info['dtype']!r} (supported: {', '.join(_DTYPES)}); "
+                "convert the checkpoint to one of these"
+            )
         shape, offsets = info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
-                and isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
+        if not (
+            isinstance(shape, list)
+            and all(_is_int(d) and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
             raise CheckpointError(f"{where}: malformed shape {shape!r} or data_offsets {offsets!r}; {REDOWNLOAD}")
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         if offsets[1] - offsets[0] != nbytes:
-            raise CheckpointError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but shape "
-                                  f"{shape} of {info['dtype']} needs {nbytes}; {REDOWNLOAD}")
+            raise CheckpointError(
+                f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but shape "
+                f"{shape} of {info['dtype']} needs {nbytes}; {REDOWNLOAD}"
+            )
         entries[key] = TensorEntry(key, path, dtype, tuple(shape), data_start + offsets[0], nbytes)
     if entries:
         last = max(entries.values(), key=lambda e: e.start + e.nbytes)
         if last.start + last.nbytes > size:
-            raise CheckpointError(f"{path}: file is truncated: expected at least {last.start + last.nbytes} bytes "
-                                  f"(tensor {last.key!r} ends there), found {size}; {REDOWNLOAD}")
+            raise CheckpointError(
+                f"{path}: file is truncated: expected at least {last.start + last.nbytes} bytes "
+                f"(tensor {last.key!r} ends there), found {size}; {REDOWNLOAD}"
+            )
     return entries
 
 
@@ -120,14 +140,17 @@ def _find_shards(folder: Path) -> tuple[list[str], dict[str, str] | None]:
             hint = "pickle checkpoints (*.bin, *.pt) are not supported: convert to safetensors"
         elif any(n.endswith(".safetensors") for n in found):
             hint = f"shards without {INDEX_NAME}: re-download the index"
-        raise CheckpointError(f"{folder}: neither {INDEX_NAME} nor {SINGLE_NAME} found "
-                              f"(found: {', '.join(found[:20]) or 'nothing'}); {hint}")
+        raise CheckpointError(
+            f"{folder}: neither {INDEX_NAME} nor {SINGLE_NAME} found "
+            f"(found: {', '.join(found[:20]) or 'nothing'}); {hint}"
+        )
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index}: malformed index or no 'weight_map' ({e!r}); re-download the index") from None
-    names_ok = isinstance(weight_map, dict) and all(isinstance(v, str) and Path(v).name == v
-                                                    for v in weight_map.values())
+    names_ok = isinstance(weight_map, dict) and all(
+        isinstance(v, str) and Path(v).name == v for v in weight_map.values()
+    )
     if not names_ok:
         raise CheckpointError(f"{index}: 'weight_map' must map keys to shard file names; re-download the index")
     names = sorted(set(weight_map.values()))
@@ -178,18 +201,28 @@ class Checkpoint:
         if missing:
             problems.append(f"{len(missing)} missing: " + ", ".join(missing[:limit]))
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected: "
-                            + ", ".join(f"{k} (in {self.file_of(k).name})" for k in unexpected[:limit]))
+            problems.append(
+                f"{len(unexpected)} unexpected: "
+                + ", ".join(f"{k} (in {self.file_of(k).name})" for k in unexpected[:limit])
+            )
         if mismatched:
-            problems.append(f"{len(mismatched)} with the wrong shape: " + ", ".join(
-                f"{k} (in {self.file_of(k).name}) found {self.shape(k)}, expected {tuple(expected[k])}"
-                for k in mismatched[:limit]))
+            problems.append(
+                f"{len(mismatched)} with the wrong shape: "
+                + ", ".join(
+                    f"{k} (in {self.file_of(k).name}) found {self.shape(k)}, expected {tuple(expected[k])}"
+                    for k in mismatched[:limit]
+                )
+            )
         if problems:
-            raise CheckpointError(f"{self.folder}: checkpoint does not match the model config; "
-                                  + "; ".join(problems) + ". Check that config.json belongs to these weights")
+            raise CheckpointError(
+                f"{self.folder}: checkpoint does not match the model config; "
+                + "; ".join(problems)
+                + ". Check that config.json belongs to these weights"
+            )
 
-    def iter_tensors(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                     progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(
+        self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, progress: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, tensor)`` shard by shard; floating tensors become ``dtype`` (None: as stored).
 
         In the stored dtype on CPU the bytes land directly in the returned tensor; otherwise they land in
@@ -198,9 +231,17 @@ class Checkpoint:
         device = torch.device(device)
         for shard in self.shards:
             entries = [e for e in self._entries.values() if e.file == shard]
-            with open(shard, "rb", buffering=0) as f, tqdm(total=sum(e.nbytes for e in entries), unit="B",
-                                                           unit_scale=True, unit_divisor=1024, desc=shard.name,
-                                                           disable=not progress) as bar:
+            with (
+                open(shard, "rb", buffering=0) as f,
+                tqdm(
+                    total=sum(e.nbytes for e in entries),
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=shard.name,
+                    disable=not progress,
+                ) as bar,
+            ):
                 for e in entries:
                     target = dtype if dtype is not None and e.dtype.is_floating_point else e.dtype
                     tensor = torch.empty(e.shape, dtype=e.dtype)
@@ -216,10 +257,12 @@ def _read_into(f: io.RawIOBase, e: TensorEntry, tensor: torch.Tensor, bar: tqdm)
     f.seek(e.start)
     done = 0
     while done < e.nbytes:
-        n = f.readinto(buf[done:done + READ_CHUNK_BYTES])
+        n = f.readinto(buf[done : done + READ_CHUNK_BYTES])
         if not n:
-            raise CheckpointError(f"{e.file}: tensor {e.key!r}: file ended after {e.start + done} bytes, expected "
-                                  f"{e.start + e.nbytes}; it changed or was truncated since opening; {REDOWNLOAD}")
+            raise CheckpointError(
+                f"{e.file}: tensor {e.key!r}: file ended after {e.start + done} bytes, expected "
+                f"{e.start + e.nbytes}; it changed or was truncated since opening; {REDOWNLOAD}"
+            )
         done += n
         bar.update(n)
 
@@ -236,16 +279,22 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     for name in names:
         for key, entry in sorted(_read_header(folder / name).items(), key=lambda item: item[1].start):
             if key in entries:
-                raise CheckpointError(f"{entry.file}: tensor {key!r} is also in {entries[key].file.name}; "
-                                      "the shards are inconsistent: re-download them")
+                raise CheckpointError(
+                    f"{entry.file}: tensor {key!r} is also in {entries[key].file.name}; "
+                    "the shards are inconsistent: re-download them"
+                )
             entries[key] = entry
     if weight_map is not None:
         for key, name in weight_map.items():
             if key not in entries or entries[key].file.name != name:
-                raise CheckpointError(f"{folder / name}: tensor {key!r} listed in {INDEX_NAME} is not in this "
-                                      f"shard's header; {REDOWNLOAD}")
+                raise CheckpointError(
+                    f"{folder / name}: tensor {key!r} listed in {INDEX_NAME} is not in this "
+                    f"shard's header; {REDOWNLOAD}"
+                )
         for key, entry in entries.items():
             if key not in weight_map:
-                raise CheckpointError(f"{entry.file}: tensor {key!r} is not listed in {INDEX_NAME}; the index and "
-                                      "shards are inconsistent: re-download them")
+                raise CheckpointError(
+                    f"{entry.file}: tensor {key!r} is not listed in {INDEX_NAME}; the index and "
+                    "shards are inconsistent: re-download them"
+                )
     return Checkpoint(folder, entries, [folder / n for n in names])

@@ -27,14 +27,31 @@ from .model import DeepseekV2ForCausalLM
 from .tokenizer import TokenizerError
 from .traces import TraceBudgetError, TraceError
 
-USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, HookError, TraceError, TraceBudgetError, OSError, ValueError)
+USER_ERRORS = (
+    CheckpointError,
+    ConfigError,
+    TokenizerError,
+    HookError,
+    TraceError,
+    TraceBudgetError,
+    OSError,
+    ValueError,
+)
 
 
 def parameter_counts(config: DeepseekV2Config) -> dict[str, int]:
     """Parameters by part, from a model built on the meta device (no memory, no weights needed)."""
     with torch.device("meta"):
         model = DeepseekV2ForCausalLM(config)
-    parts = {"embedding + lm_head": 0, "attention": 0, "dense MLP": 0, "router": 0, "shared experts": 0, "routed experts": 0, "norms": 0}
+    parts = {
+        "embedding + lm_head": 0,
+        "attention": 0,
+        "dense MLP": 0,
+        "router": 0,
+        "shared experts": 0,
+        "routed experts": 0,
+        "norms": 0,
+    }
     for name, p in model.named_parameters():
         if "embed_tokens" in name or name.startswith("lm_head"):
             part = "embedding + lm_head"
@@ -54,9 +71,16 @@ def parameter_counts(config: DeepseekV2Config) -> dict[str, int]:
     total = sum(parts.values())
     inactive = 0
     if config.n_routed_experts:
-        inactive = parts["routed experts"] * (config.n_routed_experts - config.num_experts_per_tok) // config.n_routed_experts
+        inactive = (
+            parts["routed experts"] * (config.n_routed_experts - config.num_experts_per_tok) // config.n_routed_experts
+        )
     embed = config.vocab_size * config.hidden_size
-    return {**parts, "total": total, "active per token": total - inactive, "active per token, less embedding": total - inactive - embed}
+    return {
+        **parts,
+        "total": total,
+        "active per token": total - inactive,
+        "active per token, less embedding": total - inactive - embed,
+    }
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -65,25 +89,37 @@ def cmd_info(args: argparse.Namespace) -> None:
     ckpt = open_checkpoint(folder)
     c = config
     print(f"checkpoint      {folder}")
-    print(f"layers          {c.num_hidden_layers} ({len(c.moe_layers)} MoE, first {c.first_k_dense_replace} dense), hidden {c.hidden_size}, vocab {c.vocab_size}")
+    print(
+        f"layers          {c.num_hidden_layers} ({len(c.moe_layers)} MoE, first {c.first_k_dense_replace} dense), hidden {c.hidden_size}, vocab {c.vocab_size}"
+    )
     q = "plain q_proj" if c.q_lora_rank is None else f"q_lora_rank {c.q_lora_rank}"
-    print(f"attention (MLA) {c.num_attention_heads} heads, {q}, latent {c.kv_lora_rank} + rope key {c.qk_rope_head_dim}, "
-          f"head dims nope {c.qk_nope_head_dim} / rope {c.qk_rope_head_dim} / v {c.v_head_dim}, softmax scale {c.softmax_scale:.4f}")
+    print(
+        f"attention (MLA) {c.num_attention_heads} heads, {q}, latent {c.kv_lora_rank} + rope key {c.qk_rope_head_dim}, "
+        f"head dims nope {c.qk_nope_head_dim} / rope {c.qk_rope_head_dim} / v {c.v_head_dim}, softmax scale {c.softmax_scale:.4f}"
+    )
     if c.n_routed_experts:
-        print(f"experts (MoE)   {c.n_routed_experts} routed (top {c.num_experts_per_tok}, {c.topk_method}), {c.n_shared_experts} shared, width {c.moe_intermediate_size}")
+        print(
+            f"experts (MoE)   {c.n_routed_experts} routed (top {c.num_experts_per_tok}, {c.topk_method}), {c.n_shared_experts} shared, width {c.moe_intermediate_size}"
+        )
     if c.rope_scaling:
         y = c.rope_scaling
-        print(f"rope            YaRN factor {y.factor:g} over {y.original_max_position_embeddings} positions, context {c.max_position_embeddings}")
+        print(
+            f"rope            YaRN factor {y.factor:g} over {y.original_max_position_embeddings} positions, context {c.max_position_embeddings}"
+        )
     print("parameters")
     for part, n in parameter_counts(config).items():
         print(f"  {part:<34}{n:>18,}")
-    stored = {ckpt.dtype(k) for k in ckpt.keys()}
-    print(f"shards          {len(ckpt.shards)} files, {len(ckpt)} tensors, {ckpt.nbytes / 2**30:.2f} GiB ({', '.join(sorted(str(d).removeprefix('torch.') for d in stored))})")
+    stored = {ckpt.dtype(k) for k in ckpt.keys()}  # noqa: SIM118 (a Checkpoint is not a mapping)
+    print(
+        f"shards          {len(ckpt.shards)} files, {len(ckpt)} tensors, {ckpt.nbytes / 2**30:.2f} GiB ({', '.join(sorted(str(d).removeprefix('torch.') for d in stored))})"
+    )
     for shard in ckpt.shards:
         print(f"  {shard.name:<40}{shard.stat().st_size / 2**30:>8.2f} GiB")
     latent, mha = c.kv_cache_bytes_per_token(2), c.mha_cache_bytes_per_token(2)
-    print(f"KV cache (bf16) {latent:,} bytes/token ({c.kv_cache_dim} values x {c.num_hidden_layers} layers); "
-          f"a standard multi-head cache would hold {mha:,} ({mha / latent:.1f}x)")
+    print(
+        f"KV cache (bf16) {latent:,} bytes/token ({c.kv_cache_dim} values x {c.num_hidden_layers} layers); "
+        f"a standard multi-head cache would hold {mha:,} ({mha / latent:.1f}x)"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -101,8 +137,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         memory_budget=int(args.memory_budget * 2**30),
     )
     generation = model.generate(
-        args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, chat=args.chat, record=record,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=args.chat,
+        record=record,
     )
     prompt_text = "".join(generation.texts)
     print(prompt_text, end="", flush=True)
@@ -154,33 +196,54 @@ def cmd_collect(args: argparse.Namespace) -> None:
     from .corpus import CollectSettings, collect
 
     settings = CollectSettings(
-        text_field=args.text_field, id_field=args.id_field, docs_per_shard=args.docs_per_shard,
-        batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, near_tie_threshold=args.near_tie_threshold,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        docs_per_shard=args.docs_per_shard,
+        batch_tokens=args.batch_tokens,
+        max_tokens=args.max_tokens,
+        near_tie_threshold=args.near_tie_threshold,
     )
     start = time.perf_counter()
     corpus = collect(
-        args.input, args.out, model=args.model, settings=settings, device=args.device, threads=args.threads,
-        ray=args.ray or args.ray_address is not None, ray_address=args.ray_address, workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker, progress=not args.quiet,
+        args.input,
+        args.out,
+        model=args.model,
+        settings=settings,
+        device=args.device,
+        threads=args.threads,
+        ray=args.ray or args.ray_address is not None,
+        ray_address=args.ray_address,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        progress=not args.quiet,
     )
     totals = corpus.manifest["totals"]
-    print(f"{totals['documents']:,} documents, {totals['tokens']:,} tokens routed, {totals['skipped']:,} skipped "
-          f"({time.perf_counter() - start:.1f} s, model loading included) -> {args.out}")
+    print(
+        f"{totals['documents']:,} documents, {totals['tokens']:,} tokens routed, {totals['skipped']:,} skipped "
+        f"({time.perf_counter() - start:.1f} s, model loading included) -> {args.out}"
+    )
     util, stats = expert_utilization(corpus), corpus.stats
     print(f"  {'layer':>5} {'load CV':>8} {'max/mean':>9} {'entropy':>8} {'near ties':>10}")
     for row, layer in enumerate(corpus.moe_layers):
-        print(f"  {layer:>5} {float(util.cv[row]):>8.3f} {float(util.max_over_mean[row]):>9.2f} "
-              f"{float(stats.mean_entropy[row]):>8.3f} {int(stats.near_ties[row]) / max(stats.tokens, 1):>10.2%}")
+        print(
+            f"  {layer:>5} {float(util.cv[row]):>8.3f} {float(util.max_over_mean[row]):>9.2f} "
+            f"{float(stats.mean_entropy[row]):>8.3f} {int(stats.near_ties[row]) / max(stats.tokens, 1):>10.2%}"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsv2viz", description="Look inside DeepSeek-V2: latent attention and experts.")
+    parser = argparse.ArgumentParser(
+        prog="dsv2viz", description="Look inside DeepSeek-V2: latent attention and experts."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="describe a checkpoint folder without loading its weights")
     info.add_argument("path", help="folder with config.json and *.safetensors")
     info.set_defaults(run=cmd_info)
     gen = sub.add_parser("generate", help="stream a generation, record its trace, write its report")
-    gen.add_argument("--model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json); default: the bundled demo model")
+    gen.add_argument(
+        "--model",
+        help="checkpoint folder (config.json, *.safetensors, tokenizer.json); default: the bundled demo model",
+    )
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="format the prompt as one user turn of the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -188,8 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--attention", choices=["none", "last_row", "full"], default="none", help="attention patterns to record")
-    gen.add_argument("--attention-layers", help="comma-separated layers whose attention (patterns or queries) to record")
+    gen.add_argument(
+        "--attention", choices=["none", "last_row", "full"], default="none", help="attention patterns to record"
+    )
+    gen.add_argument(
+        "--attention-layers", help="comma-separated layers whose attention (patterns or queries) to record"
+    )
     gen.add_argument("--memory-budget", type=float, default=2.0, help="GiB the trace may hold")
     gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--trace", help="save the trace to this folder")
@@ -209,20 +276,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
     col = sub.add_parser("collect", help="route a corpus: per-token Parquet rows and mergeable statistics per layer")
     col.add_argument("--model", help="checkpoint folder; default: the bundled demo model")
-    col.add_argument("--input", nargs="+", required=True, help="text files (one document each), .jsonl or .parquet files, or folders")
+    col.add_argument(
+        "--input", nargs="+", required=True, help="text files (one document each), .jsonl or .parquet files, or folders"
+    )
     col.add_argument("--out", required=True, help="output folder; rerunning the same command resumes it")
     col.add_argument("--text-field", default="text", help="JSONL key / Parquet column with the text")
     col.add_argument("--id-field", default="id", help="JSONL key / Parquet column naming the document, when present")
-    col.add_argument("--docs-per-shard", type=int, default=256, help="documents per shard: the unit of work and of resumption")
+    col.add_argument(
+        "--docs-per-shard", type=int, default=256, help="documents per shard: the unit of work and of resumption"
+    )
     col.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
-    col.add_argument("--max-tokens", type=int, help="longer documents are skipped and reported (default: min(context, 4096))")
-    col.add_argument("--near-tie-threshold", type=float, help="absolute top-k margin counted as a near tie (default: bf16 rounding of the K-th probability)")
+    col.add_argument(
+        "--max-tokens", type=int, help="longer documents are skipped and reported (default: min(context, 4096))"
+    )
+    col.add_argument(
+        "--near-tie-threshold",
+        type=float,
+        help="absolute top-k margin counted as a near tie (default: bf16 rounding of the K-th probability)",
+    )
     col.add_argument("--device", help="cuda or cpu, in-process (default: cuda when available)")
-    col.add_argument("--threads", type=int, help="torch threads per process (Ray CPU workers: one per CPU they reserve)")
-    col.add_argument("--ray", action="store_true", help="run the shards on Ray Data (a local instance unless --ray-address)")
+    col.add_argument(
+        "--threads", type=int, help="torch threads per process (Ray CPU workers: one per CPU they reserve)"
+    )
+    col.add_argument(
+        "--ray", action="store_true", help="run the shards on Ray Data (a local instance unless --ray-address)"
+    )
     col.add_argument("--ray-address", help="address of a running Ray cluster (implies --ray)")
     col.add_argument("--workers", type=int, help="Ray model actors (default: one per GPU, else 2)")
-    col.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray actor (default: 1 when the cluster has GPUs, else 0)")
+    col.add_argument(
+        "--gpus-per-worker", type=float, help="GPUs per Ray actor (default: 1 when the cluster has GPUs, else 0)"
+    )
     col.add_argument("--quiet", action="store_true", help="no progress bars")
     col.set_defaults(run=cmd_collect)
     return parser

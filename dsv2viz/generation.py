@@ -100,7 +100,7 @@ class Generation:
         if P == 0:
             raise ValueError("the prompt is empty: give at least one token")
         context = model.config.max_position_embeddings
-        if P + N > context:
+        if context < P + N:
             raise ValueError(
                 f"prompt of {P} tokens + max_new_tokens={N} exceeds the context of {context} positions; "
                 "shorten the prompt or ask for fewer tokens"
@@ -152,7 +152,9 @@ class Generation:
                 self.texts += token_texts(model, [token])
                 with torch.no_grad():
                     logits = model(torch.tensor([[token]], device=model.device), cache, last_only=True)[0, -1].float()
-                yield Step(index, len(self.token_ids) - 1, token, self.texts[-1], float(probs[token]), self._last_record())
+                yield Step(
+                    index, len(self.token_ids) - 1, token, self.texts[-1], float(probs[token]), self._last_record()
+                )
                 if token in stop_tokens:
                     self.finish_reason = "stop_token"
                     return
@@ -200,7 +202,9 @@ class Generation:
             L = self.model.config.num_hidden_layers
             out["latent_norms"] = torch.stack([c[f"c_kv.{layer}"][-1][-1].float().norm() for layer in range(L)]).cpu()
         if self.recording.residual_norms:
-            out["resid_norms"] = torch.stack([c[f"resid_norms.{i}"][-1][-1] for i in range(self.model.config.num_hidden_layers + 1)]).cpu()
+            out["resid_norms"] = torch.stack(
+                [c[f"resid_norms.{i}"][-1][-1] for i in range(self.model.config.num_hidden_layers + 1)]
+            ).cpu()
         for layer in self.recorder.att_layers:
             rows = c.get(f"attention.{layer}")
             if rows:
@@ -252,5 +256,9 @@ def token_texts(model: DeepseekV2ForCausalLM, ids: Sequence[int]) -> list[str]:
 def describe(filter: NameFilter, fn: Callable) -> str:
     """A JSON-friendly description of an intervention, for the trace's metadata."""
     what = getattr(fn, "description", None) or getattr(fn, "__qualname__", repr(fn))
-    where = filter if isinstance(filter, str) else (list(filter) if not callable(filter) else getattr(filter, "__name__", "predicate"))
+    where = (
+        filter
+        if isinstance(filter, str)
+        else (list(filter) if not callable(filter) else getattr(filter, "__name__", "predicate"))
+    )
     return f"{what} at {where}"

@@ -7,6 +7,7 @@ recorded says which ``Recording`` setting would have recorded it. All token text
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ class Section:
     missing: str | None = None  # what to record to get this view
 
 
-def report(trace: Trace, path: str | os.PathLike, *, model: DeepseekV2ForCausalLM | None = None, title: str | None = None) -> Path:
+def report(
+    trace: Trace, path: str | os.PathLike, *, model: DeepseekV2ForCausalLM | None = None, title: str | None = None
+) -> Path:
     """Write the report of `trace` to `path` (an .html file); `model` adds the logit lens. Returns the path."""
     path = Path(path)
     sections = build_sections(trace, model)
@@ -47,42 +50,79 @@ def build_sections(trace: Trace, model: DeepseekV2ForCausalLM | None) -> list[Se
     if moe and has("topk_idx"):
         mid = moe[len(moe) // 2]
         for layer in dict.fromkeys([moe[0], mid, moe[-1]]):
-            out.append(Section(f"Tokens by top-1 expert, layer {layer}",
-                               "Each token coloured by the expert its router ranked first: runs of one colour are text an expert owns.",
-                               plots.token_strip(trace, layer)))
+            out.append(
+                Section(
+                    f"Tokens by top-1 expert, layer {layer}",
+                    "Each token coloured by the expert its router ranked first: runs of one colour are text an expert owns.",
+                    plots.token_strip(trace, layer),
+                )
+            )
         last = len(trace) - 1
-        out.append(Section(f"Routing of the last token across layers (position {last})",
-                           "Which experts one token visits layer by layer, and with what weight.",
-                           plots.routing_across_layers(trace, last)))
-        out.append(Section("Expert utilization",
-                           "Tokens per expert and layer; the load-balance figures show idle or overloaded experts.",
-                           plots.utilization_heatmap(analysis.expert_utilization(trace))))
-        out.append(Section(f"Expert co-activation, layer {mid}",
-                           "How often two experts serve the same token: teams of experts show as bright off-diagonal cells.",
-                           plots.coactivation_matrix(analysis.coactivation(trace, mid), mid)))
-        out.append(Section("Routing confidence",
-                           "Margin between the k-th and (k+1)-th expert and routing entropy; marked cells are near-ties a bf16 rounding could flip.",
-                           plots.routing_confidence(trace)))
-        out.append(Section(f"Top tokens per expert, layer {mid}",
-                           "What each expert specializes in: the tokens routed to it most often.",
-                           plots.top_tokens_per_expert(analysis.top_tokens_per_expert(trace, mid))))
+        out.append(
+            Section(
+                f"Routing of the last token across layers (position {last})",
+                "Which experts one token visits layer by layer, and with what weight.",
+                plots.routing_across_layers(trace, last),
+            )
+        )
+        out.append(
+            Section(
+                "Expert utilization",
+                "Tokens per expert and layer; the load-balance figures show idle or overloaded experts.",
+                plots.utilization_heatmap(analysis.expert_utilization(trace)),
+            )
+        )
+        out.append(
+            Section(
+                f"Expert co-activation, layer {mid}",
+                "How often two experts serve the same token: teams of experts show as bright off-diagonal cells.",
+                plots.coactivation_matrix(analysis.coactivation(trace, mid), mid),
+            )
+        )
+        out.append(
+            Section(
+                "Routing confidence",
+                "Margin between the k-th and (k+1)-th expert and routing entropy; marked cells are near-ties a bf16 rounding could flip.",
+                plots.routing_confidence(trace),
+            )
+        )
+        out.append(
+            Section(
+                f"Top tokens per expert, layer {mid}",
+                "What each expert specializes in: the tokens routed to it most often.",
+                plots.top_tokens_per_expert(analysis.top_tokens_per_expert(trace, mid)),
+            )
+        )
     elif moe:
         out.append(Section("Routing", "", missing="Recording(routing=True)"))
     out += _attention_sections(trace)
     if has("c_kv"):
-        out.append(Section("Latent KV spectrum",
-                           "Singular values of the cached latent c_kv per layer: how many of its dimensions the model really uses.",
-                           plots.latent_spectrum(trace)))
+        out.append(
+            Section(
+                "Latent KV spectrum",
+                "Singular values of the cached latent c_kv per layer: how many of its dimensions the model really uses.",
+                plots.latent_spectrum(trace),
+            )
+        )
         out.append(Section("Latent norms", "Norm of each token's cached latent, by layer.", plots.latent_norms(trace)))
     else:
         out.append(Section("Latent KV", "", missing="Recording(latents=True)"))
-    out.append(Section("KV-cache memory",
-                       "What this model's latent cache holds against a standard multi-head cache of the same heads.",
-                       plots.kv_cache_memory(trace.config)))
+    out.append(
+        Section(
+            "KV-cache memory",
+            "What this model's latent cache holds against a standard multi-head cache of the same heads.",
+            plots.kv_cache_memory(trace.config),
+        )
+    )
     if model is not None:
         frame = analysis.logit_lens(model, trace)
-        out.append(Section("Logit lens", "The next-token guess read off the residual stream after each layer.",
-                           plots.logit_lens(frame, trace.token_texts)))
+        out.append(
+            Section(
+                "Logit lens",
+                "The next-token guess read off the residual stream after each layer.",
+                plots.logit_lens(frame, trace.token_texts),
+            )
+        )
     return out
 
 
@@ -90,14 +130,21 @@ def _attention_sections(trace: Trace) -> list[Section]:
     layers = sorted({int(k.split(".")[1]) for k in trace.tensors if k.startswith(("attention.", "q_nope."))})
     if not layers:
         return [Section("Attention", "", missing="Recording(attention='full' or 'last_row', or queries=True)")]
-    out = [Section("Heads overview: entropy", "Mean entropy of each head's attention rows: low is focused, high is diffuse.",
-                   plots.heads_overview(analysis.head_entropy(trace), "entropy"))]
-    try:
-        out.append(Section("Heads overview: rope share",
-                           "How much of each head's score comes from position (rope) rather than content (nope).",
-                           plots.heads_overview(analysis.rope_share(trace), "rope_share")))
-    except TraceError:
-        pass  # rope and nope parts need the queries
+    out = [
+        Section(
+            "Heads overview: entropy",
+            "Mean entropy of each head's attention rows: low is focused, high is diffuse.",
+            plots.heads_overview(analysis.head_entropy(trace), "entropy"),
+        )
+    ]
+    with contextlib.suppress(TraceError):  # rope and nope parts need the queries
+        out.append(
+            Section(
+                "Heads overview: rope share",
+                "How much of each head's score comes from position (rope) rather than content (nope).",
+                plots.heads_overview(analysis.rope_share(trace), "rope_share"),
+            )
+        )
     view = trace.attention(layers[0], trace.recording.heads(trace.config)[0])
     if view.scores_nope is not None:
         fig = plots.attention_parts(view, trace.token_texts)
@@ -116,10 +163,14 @@ def render(trace: Trace, sections: list[Section], title: str) -> str:
         body.append(f"<section><h2>{html.escape(s.title)}</h2>")
         if s.figure is not None:
             body.append(f"<p>{html.escape(s.why)}</p>")
-            body.append(s.figure.to_html(full_html=False, include_plotlyjs=not js_included, config={"displaylogo": False}))
+            body.append(
+                s.figure.to_html(full_html=False, include_plotlyjs=not js_included, config={"displaylogo": False})
+            )
             js_included = True
         else:
-            body.append(f'<p class="missing">Not recorded: record it with <code>{html.escape(s.missing or "")}</code>.</p>')
+            body.append(
+                f'<p class="missing">Not recorded: record it with <code>{html.escape(s.missing or "")}</code>.</p>'
+            )
         body.append("</section>")
     prompt = html.escape("".join(trace.token_texts[: trace.prompt_len]))
     generated = html.escape("".join(trace.token_texts[trace.prompt_len :]))
@@ -144,6 +195,6 @@ section {{ margin-top: 2em; }}
 <h1>{html.escape(title)}</h1>
 <div class="report-text">{prompt}<span class="generated">{generated}</span></div>
 <ul>{summary}</ul>
-{''.join(body)}
+{"".join(body)}
 </body></html>
 """

@@ -140,7 +140,9 @@ class MLA(nn.Module):
         self.hook_out = HookPoint("(B, T, D)")
 
     def _needs_scores(self) -> bool:
-        return any(h.active for h in (self.hook_scores_nope, self.hook_scores_rope, self.hook_scores, self.hook_pattern))
+        return any(
+            h.active for h in (self.hook_scores_nope, self.hook_scores_rope, self.hook_scores, self.hook_pattern)
+        )
 
     def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split into W_UK (H, dn, R) and W_UV (H, dv, R)."""
@@ -181,7 +183,12 @@ class MLA(nn.Module):
             qh = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn + dr)
             kh = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, dr)], dim=-1).transpose(1, 2)
             z = F.scaled_dot_product_attention(
-                qh, kh, v.transpose(1, 2), attn_mask=None if past == 0 else mask, is_causal=past == 0 and T > 1, scale=scale
+                qh,
+                kh,
+                v.transpose(1, 2),
+                attn_mask=None if past == 0 else mask,
+                is_causal=past == 0 and T > 1,
+                scale=scale,
             ).transpose(1, 2)  # (B, T, H, dv)
         else:
             if impl == "naive":
@@ -217,7 +224,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
         self.up_proj = nn.Linear(dim, inter_dim, bias=False)
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
-        self.hook_out = HookPoint("(..., D) for a routed expert: (N, D), its tokens in (batch, position) order, unweighted")
+        self.hook_out = HookPoint(
+            "(..., D) for a routed expert: (N, D), its tokens in (batch, position) order, unweighted"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.hook_out(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
@@ -266,7 +275,9 @@ def balance_loss(probs: torch.Tensor, idx: torch.Tensor, alpha: float) -> torch.
     """
     B, T, E = probs.shape
     K = idx.shape[-1]
-    counts = torch.zeros(B, E, device=probs.device).scatter_add_(1, idx.reshape(B, -1), torch.ones(B, T * K, device=probs.device))
+    counts = torch.zeros(B, E, device=probs.device).scatter_add_(
+        1, idx.reshape(B, -1), torch.ones(B, T * K, device=probs.device)
+    )
     f = counts / (T * K / E)  # (B, E)
     return (f * probs.mean(dim=1)).sum(dim=1).mean() * alpha
 
@@ -381,7 +392,9 @@ class DeepseekV2ForCausalLM(HookedModule):
 
     def aux_loss(self) -> torch.Tensor | None:
         """The balance losses of the last training-mode forward pass, summed over MoE layers (None in eval)."""
-        losses = [b.mlp.gate.aux_loss for b in self.model.layers if isinstance(b.mlp, MoE) and b.mlp.gate.aux_loss is not None]
+        losses = [
+            b.mlp.gate.aux_loss for b in self.model.layers if isinstance(b.mlp, MoE) and b.mlp.gate.aux_loss is not None
+        ]
         return torch.stack(losses).sum() if losses else None
 
     def set_attention_impl(self, impl: AttentionImpl) -> None:
@@ -432,7 +445,7 @@ class DeepseekV2ForCausalLM(HookedModule):
         if cache is not None:
             cache.check_room(T)
             past = cache.length
-        elif T > self.config.max_position_embeddings:
+        elif self.config.max_position_embeddings < T:
             raise ValueError(
                 f"{T} tokens exceed the context of {self.config.max_position_embeddings} positions "
                 "(max_position_embeddings); shorten the input"

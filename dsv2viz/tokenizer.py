@@ -63,8 +63,16 @@ def _token_text(value: Any) -> str | None:
 class Tokenizer:
     """DeepSeek-V2's byte-level BPE tokenizer with its BOS/EOS handling and chat template."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, *, bos_token: str, eos_token: str,
-                 add_bos_token: bool = True, chat_template: str | None = None, source: str = "tokenizer"):
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        *,
+        bos_token: str,
+        eos_token: str,
+        add_bos_token: bool = True,
+        chat_template: str | None = None,
+        source: str = "tokenizer",
+    ):
         """Wrap a loaded `tokenizers.Tokenizer`; `source` names where it came from, for error messages."""
         self._tok = tokenizer
         self._bos_token, self._eos_token = bos_token, eos_token
@@ -79,8 +87,9 @@ class Tokenizer:
         return token_id
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, *, bos_token_id: int | None = None,
-                 eos_token_id: int | None = None) -> Tokenizer:
+    def from_dir(
+        cls, path: str | os.PathLike, *, bos_token_id: int | None = None, eos_token_id: int | None = None
+    ) -> Tokenizer:
         """Load ``tokenizer.json`` (+ optional ``tokenizer_config.json``) from a checkpoint folder.
 
         `bos_token_id` / `eos_token_id` are config.json's ids; when given they must match the ids the
@@ -90,8 +99,10 @@ class Tokenizer:
         folder = Path(path)
         tok_path, cfg_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
         if not tok_path.is_file():
-            raise TokenizerError(f"{tok_path} not found: a tokenizer folder needs tokenizer.json "
-                                 "(the `tokenizers` library's serialized tokenizer)")
+            raise TokenizerError(
+                f"{tok_path} not found: a tokenizer folder needs tokenizer.json "
+                "(the `tokenizers` library's serialized tokenizer)"
+            )
         try:
             tok = tokenizers.Tokenizer.from_str(_read_json(tok_path)[0])
         except Exception as e:  # the Rust library raises a bare Exception
@@ -106,11 +117,18 @@ class Tokenizer:
                 text = tok.id_to_token(given_id) if given_id is not None else fallback
             actual = tok.token_to_id(text) if text is not None else None
             if given_id is not None and actual != given_id:
-                raise TokenizerError(f"config.json says {name}_token_id={given_id}, but {tok_path} gives "
-                                     f"{name} token {text!r} id {actual}")
+                raise TokenizerError(
+                    f"config.json says {name}_token_id={given_id}, but {tok_path} gives "
+                    f"{name} token {text!r} id {actual}"
+                )
             specials[f"{name}_token"] = text
-        return cls(tok, **specials, add_bos_token=bool(cfg.get("add_bos_token", True)),
-                   chat_template=cfg.get("chat_template"), source=str(tok_path))
+        return cls(
+            tok,
+            **specials,
+            add_bos_token=bool(cfg.get("add_bos_token", True)),
+            chat_template=cfg.get("chat_template"),
+            source=str(tok_path),
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -162,8 +180,11 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise_exception
         try:
             return env.from_string(self.chat_template).render(
-                messages=messages, bos_token=self._bos_token, eos_token=self._eos_token,
-                add_generation_prompt=add_generation_prompt)
+                messages=messages,
+                bos_token=self._bos_token,
+                eos_token=self._eos_token,
+                add_generation_prompt=add_generation_prompt,
+            )
         except Exception as e:  # the template is checkpoint data and may fail any way it likes
             raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from e
 
@@ -172,8 +193,9 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
 
 
-def byte_level_bpe(texts: Iterable[str] | None, vocab_size: int, bos_token: str = DEEPSEEK_BOS,
-                   eos_token: str = DEEPSEEK_EOS) -> tokenizers.Tokenizer:
+def byte_level_bpe(
+    texts: Iterable[str] | None, vocab_size: int, bos_token: str = DEEPSEEK_BOS, eos_token: str = DEEPSEEK_EOS
+) -> tokenizers.Tokenizer:
     """A byte-level BPE like DeepSeek's, trained on `texts`, with at most `vocab_size` tokens in all.
 
     Ids 0..255 are the 256 byte symbols, then the merges learned from `texts` (none when `texts`
@@ -184,15 +206,22 @@ def byte_level_bpe(texts: Iterable[str] | None, vocab_size: int, bos_token: str 
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(texts or [], trainer=trainer)
     tok.add_special_tokens([bos_token, eos_token])
     return tok
 
 
-def write_tokenizer_files(folder: str | os.PathLike, tokenizer: tokenizers.Tokenizer, *, bos_token: str,
-                          eos_token: str, chat_template: str | None = None) -> None:
+def write_tokenizer_files(
+    folder: str | os.PathLike,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    bos_token: str,
+    eos_token: str,
+    chat_template: str | None = None,
+) -> None:
     """Write ``tokenizer.json`` and a ``tokenizer_config.json`` shaped like DeepSeek's official one.
 
     Without `chat_template` the config has none, and readers fall back to DeepSeek-V2's format.
@@ -202,13 +231,25 @@ def write_tokenizer_files(folder: str | os.PathLike, tokenizer: tokenizers.Token
     tokenizer.save(str(folder / "tokenizer.json"))
 
     def added(content: str) -> dict:
-        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True,
-                "rstrip": False, "single_word": False}
+        return {
+            "__type": "AddedToken",
+            "content": content,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        }
 
-    cfg: dict[str, Any] = {"add_bos_token": True, "add_eos_token": False, "bos_token": added(bos_token),
-                           "eos_token": added(eos_token), "clean_up_tokenization_spaces": False,
-                           "tokenizer_class": "PreTrainedTokenizerFast"}
+    cfg: dict[str, Any] = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": added(bos_token),
+        "eos_token": added(eos_token),
+        "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     if chat_template is not None:
         cfg["chat_template"] = chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
-                                                  encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )

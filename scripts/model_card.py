@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dsv2viz  # noqa: E402
-from dsv2viz import analysis  # noqa: E402
-from train_demo import corpus  # noqa: E402
+from train_demo import corpus
+
+import dsv2viz
+from dsv2viz import analysis
 
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\n\ndef list_files(path):"]
 

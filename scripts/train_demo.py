@@ -127,7 +127,9 @@ def main() -> None:
     vocab = tokenizer.get_vocab_size()
     config = demo_config(vocab, bos, eos)
     model = DeepseekV2ForCausalLM(config).init_weights(std=0.02, seed=args.seed).train()
-    print(f"corpus: {len(train_texts)} files / {len(train):,} tokens for training, {len(held_texts)} / {len(held):,} held out")
+    print(
+        f"corpus: {len(train_texts)} files / {len(train):,} tokens for training, {len(held_texts)} / {len(held):,} held out"
+    )
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {vocab}")
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -153,7 +155,9 @@ def main() -> None:
         step += 1
         if step % 25 == 0 or step == 1:
             curve.append({"step": step, "seconds": round(time.time() - t_train, 1), "train_ce": round(ce.item(), 4)})
-            print(f"step {step:5d}  {time.time() - t_train:7.0f}s  ce {ce.item():.3f}  aux {(aux.item() if aux is not None else 0.0):.4f}  lr {lr:.2e}")
+            print(
+                f"step {step:5d}  {time.time() - t_train:7.0f}s  ce {ce.item():.3f}  aux {(aux.item() if aux is not None else 0.0):.4f}  lr {lr:.2e}"
+            )
 
     held_ce = evaluate(model, held, args.seq)
     baseline = unigram_baseline(train, held, vocab)
@@ -172,7 +176,9 @@ def main() -> None:
         "curve": curve,
     }
     (Path(args.out) / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"held-out cross-entropy {held_ce:.3f} nats vs unigram {baseline:.3f} ({baseline - held_ce:.3f} lower); saved to {args.out}")
+    print(
+        f"held-out cross-entropy {held_ce:.3f} nats vs unigram {baseline:.3f} ({baseline - held_ce:.3f} lower); saved to {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -105,7 +105,12 @@ def tiny_model():
     from dsv2viz.model import DeepseekV2ForCausalLM
 
     def build(seed: int = 0, std: float = 0.15, **overrides):
-        return DeepseekV2ForCausalLM(tiny_config(**overrides)).init_weights(std=std, seed=seed).eval().requires_grad_(False)
+        return (
+            DeepseekV2ForCausalLM(tiny_config(**overrides))
+            .init_weights(std=std, seed=seed)
+            .eval()
+            .requires_grad_(False)
+        )
 
     return build
 
@@ -134,7 +139,9 @@ def peak_rss_growth(setup: str, work: str) -> tuple[int, str]:
     )
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo)}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=repo, env=env).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=repo, env=env
+    ).stdout
     lines = out.strip().splitlines()
     return int(lines[-1].split()[1]), "\n".join(lines[:-1])
 
@@ -155,11 +162,13 @@ def run_notebook(tmp_path, monkeypatch):
 
     def run(name: str, checks: str, timeout: int = 600):
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-        assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), \
+        assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), (
             f"{name} is committed with outputs; clear them"
+        )
         nb.cells.append(nbformat.v4.new_code_cell(checks))
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
         return nb
 
     return run

@@ -25,9 +25,9 @@ def random_tensors() -> dict[str, torch.Tensor]:
         "a.f32": torch.randn(7, 3, generator=g),
         "a.f16": torch.randn(5, dtype=torch.float16, generator=g),
         "b.bf16": torch.randn(4, 9, dtype=torch.bfloat16, generator=g),
-        "b.i64": torch.randint(-2**40, 2**40, (6,), generator=g),
-        "b.i32": torch.randint(-2**30, 2**30, (2, 3), generator=g, dtype=torch.int32),
-        "c.i16": torch.randint(-2**15, 2**15, (11,), generator=g, dtype=torch.int16),
+        "b.i64": torch.randint(-(2**40), 2**40, (6,), generator=g),
+        "b.i32": torch.randint(-(2**30), 2**30, (2, 3), generator=g, dtype=torch.int32),
+        "c.i16": torch.randint(-(2**15), 2**15, (11,), generator=g, dtype=torch.int16),
         "c.i8": torch.randint(-128, 128, (3, 3), generator=g, dtype=torch.int8),
         "c.u8": torch.randint(0, 256, (13,), generator=g, dtype=torch.uint8),
         "c.bool": torch.rand(5, 2, generator=g) > 0.5,
@@ -193,8 +193,9 @@ def test_unknown_dtype(tmp_path: Path) -> None:
 
 
 def test_offsets_not_matching_shape(tmp_path: Path) -> None:
-    write_raw(tmp_path / "model.safetensors", {"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}},
-              bytes(24))
+    write_raw(
+        tmp_path / "model.safetensors", {"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}}, bytes(24)
+    )
     expect_error(tmp_path, str(tmp_path / "model.safetensors"), "'x'", "24")
 
 
@@ -217,7 +218,7 @@ def test_short_read_after_open(sharded: Path) -> None:
     shard = sharded / SHARDS[1]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 1)
-    header = json.loads(shard.read_bytes()[8:8 + struct.unpack("<Q", shard.read_bytes()[:8])[0]])
+    header = json.loads(shard.read_bytes()[8 : 8 + struct.unpack("<Q", shard.read_bytes()[:8])[0]])
     last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
     with pytest.raises(CheckpointError) as e:
         list(ckpt.iter_tensors(progress=False))
@@ -249,8 +250,9 @@ def test_progress_bar_counts_bytes_and_closes_on_error(sharded: Path, monkeypatc
     list(ckpt.iter_tensors(progress=True))
     assert [b.kwargs["desc"] for b in bars] == SHARDS
     assert all(b.kwargs["unit"] == "B" and b.kwargs["disable"] is False and b.closed for b in bars)
-    assert [b.n for b in bars] == [sum(t.numel() * t.element_size() for k, t in random_tensors().items()
-                                       if k[0] == p) for p in "abc"]
+    assert [b.n for b in bars] == [
+        sum(t.numel() * t.element_size() for k, t in random_tensors().items() if k[0] == p) for p in "abc"
+    ]
     bars.clear()
     with open(sharded / SHARDS[0], "r+b") as f:
         f.truncate((sharded / SHARDS[0]).stat().st_size - 1)
@@ -275,8 +277,11 @@ def test_other_device_converts_via_to(single: Path) -> None:
 # peak: >= 1.75x. Both fail the 1.2x bound. Plain read() goes through the page cache, which RSS does not count.
 def test_peak_rss_is_about_checkpoint_size(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
-    tensors = {"big": torch.randn(150 * 2**18, generator=g), "small.0": torch.randn(25 * 2**18, generator=g),
-               "small.1": torch.randn(25 * 2**18, generator=g)}
+    tensors = {
+        "big": torch.randn(150 * 2**18, generator=g),
+        "small.0": torch.randn(25 * 2**18, generator=g),
+        "small.1": torch.randn(25 * 2**18, generator=g),
+    }
     save_file(tensors, tmp_path / "model.safetensors")
     total = sum(t.numel() * 4 for t in tensors.values())
     checksum = sum(t.sum().item() for t in tensors.values())
@@ -289,4 +294,3 @@ def test_peak_rss_is_about_checkpoint_size(tmp_path: Path) -> None:
     nbytes, got_checksum = int(printed.split()[0]), float(printed.split()[1])
     assert nbytes == total and got_checksum == pytest.approx(checksum)
     assert 0.9 * total < growth < 1.2 * total, f"peak RSS grew {growth / total:.2f}x the checkpoint"
-

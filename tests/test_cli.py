@@ -40,16 +40,24 @@ def test_info_reports_what_the_files_hold(tmp_path, capsys):
     [
         (["info", "{tmp}/missing"], "no config.json"),
         (["report", "{tmp}", "-o", "{tmp}/r.html"], "no trace.json; not a trace folder"),
-        (["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "5000"], "exceeds the context of 4096"),
-        (["generate", "--model", "{model}", "--prompt", "x", "--attention", "full", "--memory-budget", "0.000001"],
-         "over its budget"),
+        (
+            ["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "5000"],
+            "exceeds the context of 4096",
+        ),
+        (
+            ["generate", "--model", "{model}", "--prompt", "x", "--attention", "full", "--memory-budget", "0.000001"],
+            "over its budget",
+        ),
     ],
 )
 def test_errors_are_one_line_and_exit_1(tmp_path, args, message):
     model = write_random_checkpoint(tmp_path / "m")
     argv = [a.format(tmp=tmp_path, model=model) for a in args]
-    result = subprocess.run([sys.executable, "-m", "dsv2viz", *argv, *(["--quiet"] if argv[0] == "generate" else [])],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dsv2viz", *argv, *(["--quiet"] if argv[0] == "generate" else [])],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert message in result.stderr
@@ -65,5 +73,7 @@ def test_demo_streams_and_saves_a_trace(tmp_path, capsys):
     rows = [line for line in out.splitlines() if line.strip()[:2].isdigit()]
     assert len(rows) == 5
     first_row_experts = [int(x) for x in rows[0].split()[-4:-1]]
-    assert first_row_experts == trace.routing_df().query(f"position == {trace.prompt_len} and rank == 0").expert.tolist()
+    assert (
+        first_row_experts == trace.routing_df().query(f"position == {trace.prompt_len} and rank == 0").expert.tolist()
+    )
     assert trace.text.startswith("<｜begin▁of▁sentence｜>def fibonacci(n):")

@@ -22,7 +22,16 @@ from dsv2viz.corpus.documents import plan_shards
 from dsv2viz.corpus.shard import ShardRunner
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-SOURCES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "bisect.py", "colorsys.py", "keyword.py", "fnmatch.py", "glob.py"]
+SOURCES = [
+    "json/decoder.py",
+    "json/encoder.py",
+    "textwrap.py",
+    "bisect.py",
+    "colorsys.py",
+    "keyword.py",
+    "fnmatch.py",
+    "glob.py",
+]
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +71,17 @@ def rows_equal(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     key = ["doc_index", "position", "layer"]
     a, b = a.sort_values(key, ignore_index=True), b.sort_values(key, ignore_index=True)
     scalar = [c for c in a.columns if c not in ("experts", "weights")]
-    return (a[scalar].astype({"doc_id": str}).equals(b[scalar].astype({"doc_id": str}))
-            and np.array_equal(np.stack(a["experts"]), np.stack(b["experts"]))
-            and np.array_equal(np.stack(a["weights"]), np.stack(b["weights"])))
+    return (
+        a[scalar].astype({"doc_id": str}).equals(b[scalar].astype({"doc_id": str}))
+        and np.array_equal(np.stack(a["experts"]), np.stack(b["experts"]))
+        and np.array_equal(np.stack(a["weights"]), np.stack(b["weights"]))
+    )
 
 
 def test_bad_documents_are_reported_and_skipped_never_truncated(model, corpus_files, tmp_path, capsys):
-    corpus = collect(corpus_files, tmp_path / "out", model=model, docs_per_shard=1, max_tokens=2048)  # shards of one bad record too
+    corpus = collect(
+        corpus_files, tmp_path / "out", model=model, docs_per_shard=1, max_tokens=2048
+    )  # shards of one bad record too
     skipped = corpus.skipped()
     reasons = dict(zip(skipped["doc_id"], skipped["reason"]))
     jsonl = str(corpus_files[0])
@@ -89,7 +102,11 @@ def test_bad_documents_are_reported_and_skipped_never_truncated(model, corpus_fi
     for doc_id, n in zip(docs["doc_id"], want):
         mine = rows[rows["doc_id"] == doc_id]
         assert len(mine) == n * M and mine["position"].max() == n - 1
-    assert corpus.tokens == sum(want) and corpus.manifest["totals"] == {"documents": 8, "skipped": 4, "tokens": sum(want)}
+    assert corpus.tokens == sum(want) and corpus.manifest["totals"] == {
+        "documents": 8,
+        "skipped": 4,
+        "tokens": sum(want),
+    }
 
 
 def test_statistics_equal_a_recount_of_the_rows(model, corpus_files, tmp_path):
@@ -104,7 +121,13 @@ def test_statistics_equal_a_recount_of_the_rows(model, corpus_files, tmp_path):
         mine = slots[slots["layer"] == layer]
         counts = mine["experts"].astype(int).value_counts().reindex(range(E), fill_value=0).to_numpy()
         assert np.array_equal(stats.counts[m].numpy(), counts)
-        weights = mine["weights"].astype(np.float64).groupby(mine["experts"].astype(int)).sum().reindex(range(E), fill_value=0.0)
+        weights = (
+            mine["weights"]
+            .astype(np.float64)
+            .groupby(mine["experts"].astype(int))
+            .sum()
+            .reindex(range(E), fill_value=0.0)
+        )
         np.testing.assert_allclose(stats.weight_sums[m].numpy(), weights.to_numpy(dtype=float), rtol=1e-9)
         co = np.zeros((E, E), dtype=np.int64)
         for experts in rows.loc[rows["layer"] == layer, "experts"]:
@@ -217,7 +240,9 @@ def test_corpus_analyses_equal_the_same_documents_as_traces(model, tmp_path):
     assert torch.equal(a.counts, b.counts) and a.tokens == b.tokens and torch.allclose(a.cv, b.cv)
     for layer in model.config.moe_layers:
         assert torch.equal(analysis.coactivation(corpus, layer), analysis.coactivation(traces, layer))
-        pd.testing.assert_frame_equal(analysis.top_tokens_per_expert(corpus, layer), analysis.top_tokens_per_expert(traces, layer))
+        pd.testing.assert_frame_equal(
+            analysis.top_tokens_per_expert(corpus, layer), analysis.top_tokens_per_expert(traces, layer)
+        )
     assert torch.allclose(analysis.routing_entropy(corpus), analysis.routing_entropy(traces), atol=1e-5)
     assert torch.allclose(analysis.topk_margin(corpus), analysis.topk_margin(traces).double(), atol=1e-6)
     assert torch.allclose(analysis.topk_weight_entropy(corpus), analysis.topk_weight_entropy(traces), atol=1e-5)
@@ -231,13 +256,13 @@ def test_corpus_analyses_equal_the_same_documents_as_traces(model, tmp_path):
 
 
 def test_inputs_and_outputs_that_cannot_work_fail_before_any_work(model, corpus_files, tmp_path):
-    with pytest.raises(CollectError, match="nope.jsonl: no such file"):
+    with pytest.raises(CollectError, match=r"nope.jsonl: no such file"):
         collect([tmp_path / "nope.jsonl"], tmp_path / "o1", model=model)
     bad = tmp_path / "t.parquet"
     pq.write_table(pa.table({"body": ["x"]}), bad)
     with pytest.raises(CollectError, match=r"no column 'text' \(columns: \['body'\]\); pass --text-field"):
         collect([bad], tmp_path / "o2", model=model)
-    with pytest.raises(CollectError, match="unknown input type '.csv'"):
+    with pytest.raises(CollectError, match=r"unknown input type '.csv'"):
         (tmp_path / "a.csv").write_text("x")
         collect([tmp_path / "a.csv"], tmp_path / "o3", model=model)
     busy = tmp_path / "busy"
@@ -261,12 +286,26 @@ def test_plan_cuts_records_into_shards_across_files(corpus_files):
 
 
 def test_cli_collect_then_resume(corpus_files, tmp_path):
-    cmd = [sys.executable, "-m", "dsv2viz", "collect", "--input", *map(str, corpus_files), "--out", str(tmp_path / "out"),
-           "--docs-per-shard", "4", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsv2viz",
+        "collect",
+        "--input",
+        *map(str, corpus_files),
+        "--out",
+        str(tmp_path / "out"),
+        "--docs-per-shard",
+        "4",
+        "--quiet",
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     corpus = Corpus.open(tmp_path / "out")
-    assert f"{corpus.manifest['totals']['documents']} documents, {corpus.tokens:,} tokens routed, 4 skipped" in first.stdout
+    assert (
+        f"{corpus.manifest['totals']['documents']} documents, {corpus.tokens:,} tokens routed, 4 skipped"
+        in first.stdout
+    )
     util = analysis.expert_utilization(corpus)
     for layer, cv in zip(corpus.moe_layers, util.cv):
         assert any(line.split()[:2] == [str(layer), f"{float(cv):.3f}"] for line in first.stdout.splitlines())
@@ -274,7 +313,9 @@ def test_cli_collect_then_resume(corpus_files, tmp_path):
     assert again.returncode == 0 and "skipped" not in again.stderr  # nothing rerun, nothing re-reported
     assert Corpus.open(tmp_path / "out").stats == corpus.stats
     other = subprocess.run(cmd[:-1] + ["--max-tokens", "100", "--quiet"], capture_output=True, text=True)
-    assert other.returncode == 1 and other.stderr.startswith("dsv2viz collect: error:") and "Traceback" not in other.stderr
+    assert (
+        other.returncode == 1 and other.stderr.startswith("dsv2viz collect: error:") and "Traceback" not in other.stderr
+    )
 
 
 def test_a_selection_of_documents_has_the_statistics_of_collecting_them_alone(model, corpus_files, tmp_path):

@@ -102,7 +102,7 @@ def test_unsupported_settings_name_the_field(tmp_path, change, field):
 
 
 def test_unreadable_config_files(tmp_path):
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ConfigError, match=r"no config.json"):
         DeepseekV2Config.from_json(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):

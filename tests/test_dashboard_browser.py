@@ -24,8 +24,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ASKED = 3000  # far more tokens than the test waits for: only Stop can end this generation early
 
 
@@ -46,13 +52,24 @@ def lab(tmp_path):
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')  # no news pop-up
     env = {k: v for k, v in os.environ.items() if k != "DSV2VIZ_MODEL"}
-    env |= {"PYTHONPATH": str(REPO),
-            "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings")}
+    env |= {"PYTHONPATH": str(REPO), "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
-         "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.ip=127.0.0.1", "--LabApp.news_url=None",
-         f"--ServerApp.root_dir={root}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--allow-root",
+            f"--port={port}",
+            "--ServerApp.token=",
+            "--ServerApp.password=",
+            "--ServerApp.ip=127.0.0.1",
+            "--LabApp.news_url=None",
+            f"--ServerApp.root_dir={root}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -89,7 +106,7 @@ def test_quickstart_dashboard_streams_and_stops(lab):
         page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
         run_all = time.time()
 
-        generate = page.locator(".jupyter-button[title=\"Generate\"]")
+        generate = page.locator('.jupyter-button[title="Generate"]')
         try:
             generate.wait_for(timeout=120_000)
         except Exception:
@@ -98,12 +115,16 @@ def test_quickstart_dashboard_streams_and_stops(lab):
         tokens = page.locator(".tok")
         # the notebook's own run fills the strip: the prompt and 24 new tokens
         page.wait_for_function("document.querySelectorAll('.tok').length >= 24", timeout=120_000)
-        (artifacts / "quickstart_timing.json").write_text(json.dumps({"run_all_to_filled_dashboard_s": round(time.time() - run_all, 1)}))
+        (artifacts / "quickstart_timing.json").write_text(
+            json.dumps({"run_all_to_filled_dashboard_s": round(time.time() - run_all, 1)})
+        )
         page.wait_for_function(
             "document.querySelector('.jp-Notebook-ExecutionIndicator')?.getAttribute('data-status') === 'idle'",
             timeout=120_000,
         )
-        new_tokens = page.locator(".widget-inline-hbox", has=page.locator("label", has_text="new tokens")).locator("input")
+        new_tokens = page.locator(".widget-inline-hbox", has=page.locator("label", has_text="new tokens")).locator(
+            "input"
+        )
         new_tokens.fill(str(ASKED))
         new_tokens.press("Enter")
         page.locator(".widget-checkbox", has_text="stop at EOS").locator("input").uncheck()  # only Stop may end it
@@ -121,7 +142,7 @@ def test_quickstart_dashboard_streams_and_stops(lab):
         page.locator(".widget-vbox").first.scroll_into_view_if_needed()
         page.screenshot(path=str(artifacts / "dashboard.png"), full_page=False)
 
-        page.locator(".jupyter-button[title=\"Stop\"]").click()
+        page.locator('.jupyter-button[title="Stop"]').click()
         page.wait_for_timeout(2000)
         after_stop = tokens.count()
         page.wait_for_timeout(2000)

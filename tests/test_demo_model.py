@@ -17,7 +17,7 @@ import dsv2viz
 from dsv2viz import analysis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from train_demo import corpus  # noqa: E402
+from train_demo import corpus
 
 DEMO = Path(dsv2viz.__file__).parent / "demo_model"
 
@@ -38,7 +38,9 @@ def test_held_out_loss_is_well_below_unigram_and_every_expert_works():
         ce = F.cross_entropy(model(held[None, :-1])[0], held[1:]).item()
     counts = torch.zeros(model.config.vocab_size, dtype=torch.float64)
     for text in train_texts:
-        counts += torch.bincount(torch.tensor(tok.encode(text, add_bos=False), dtype=torch.long), minlength=len(counts)).double()
+        counts += torch.bincount(
+            torch.tensor(tok.encode(text, add_bos=False), dtype=torch.long), minlength=len(counts)
+        ).double()
     unigram = float(-((counts + 1) / (counts + 1).sum()).log()[held[1:]].mean())
     assert ce < unigram - 1.0, (ce, unigram)
 

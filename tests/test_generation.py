@@ -29,7 +29,7 @@ def test_recorded_routing_is_what_the_router_hook_saw(tiny_model):
     spy = [(f"model.layers.{layer}.mlp.gate.hook_topk_idx", watch(layer)) for layer in (1, 2)]
     trace = model.generate(PROMPT, 12, interventions=spy).run()
     assert len(trace) == 20 + 12
-    for row, layer in enumerate((1, 2)):
+    for layer in (1, 2):
         experts, weights = trace.routing(layer)
         assert torch.equal(experts, torch.cat(seen[layer]))
         assert experts.shape == weights.shape == (32, 3)
@@ -49,7 +49,9 @@ def test_rebuilt_patterns_equal_live_ones_and_parts_sum_to_scores(tiny_model):
     for head in range(4):
         view = trace.attention(2, head)
         assert view.pattern.shape == (S, S) and torch.equal(view.query_pos, torch.arange(S))
-        rebuilt = dataclasses.replace(trace, tensors={k: v for k, v in trace.tensors.items() if not k.startswith("attention.")})
+        rebuilt = dataclasses.replace(
+            trace, tensors={k: v for k, v in trace.tensors.items() if not k.startswith("attention.")}
+        )
         torch.testing.assert_close(rebuilt.attention(2, head).pattern, view.pattern, atol=1e-5, rtol=0)
         newest = rebuilt.attention(2, head, queries=[-1])  # one row, rebuilt alone
         assert newest.query_pos.tolist() == [S - 1]
@@ -132,7 +134,7 @@ def test_interrupting_leaves_no_hook_behind(tiny_model):
 
     gen = model.generate(PROMPT, 50, record=FULL)
     with pytest.raises(KeyError):
-        for step in gen:
+        for _ in gen:
             {}["the caller fails mid-generation"]
     assert no_hooks_left(model)
 
@@ -156,8 +158,8 @@ def test_budget_overrun_refuses_before_any_work(tiny_model):
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))
     rec = Recording(attention="full", memory_budget=2**20)
-    with pytest.raises(TraceBudgetError, match="attention.*attention='last_row'"):
-        model.generate(list(range(300)) , 100, record=rec)
+    with pytest.raises(TraceBudgetError, match=r"attention.*attention='last_row'"):
+        model.generate(list(range(300)), 100, record=rec)
     assert calls == [] and no_hooks_left(model)
     with pytest.raises(TraceBudgetError, match="latents"):
         model.generate(list(range(300)), 100, record=Recording(memory_budget=10_000))
@@ -171,7 +173,9 @@ def test_prompt_too_long_for_the_context(tiny_model):
 
 def test_save_and_load_round_trip(tiny_model, tmp_path):
     model = tiny_model()
-    trace = model.generate(PROMPT, 8, record=FULL, temperature=0.7, seed=1, interventions=iv.force_experts({2: [4]})).run()
+    trace = model.generate(
+        PROMPT, 8, record=FULL, temperature=0.7, seed=1, interventions=iv.force_experts({2: [4]})
+    ).run()
     trace.save(tmp_path / "t")
     again = Trace.load(tmp_path / "t")
     assert again == trace
@@ -180,7 +184,7 @@ def test_save_and_load_round_trip(tiny_model, tmp_path):
 
 
 def test_foreign_and_damaged_trace_folders(tiny_model, tmp_path):
-    with pytest.raises(TraceError, match="no trace.json"):
+    with pytest.raises(TraceError, match=r"no trace.json"):
         Trace.load(tmp_path)
     (tmp_path / "trace.json").write_text('{"format": "something-else"}')
     with pytest.raises(TraceError, match="not a dsv2viz trace"):
@@ -188,7 +192,7 @@ def test_foreign_and_damaged_trace_folders(tiny_model, tmp_path):
     folder = tiny_model().generate(PROMPT, 3).run().save(tmp_path / "t")
     data = folder / "tensors.safetensors"
     data.write_bytes(data.read_bytes()[:-50])
-    with pytest.raises(TraceError, match="tensors.safetensors: damaged"):
+    with pytest.raises(TraceError, match=r"tensors.safetensors: damaged"):
         Trace.load(folder)
     (folder / "trace.json").write_text("{broken")
     with pytest.raises(TraceError, match="not valid JSON"):
@@ -208,7 +212,9 @@ def test_ablating_an_expert_routes_no_token_to_it_and_changes_the_output(tiny_mo
 def test_forcing_an_expert_routes_every_token_to_it(tiny_model):
     model = tiny_model()
     base = model.generate(PROMPT, 6).run()
-    forced = model.generate(PROMPT, 6, record=Recording(router_probs=True), interventions=iv.force_experts({2: [6]})).run()
+    forced = model.generate(
+        PROMPT, 6, record=Recording(router_probs=True), interventions=iv.force_experts({2: [6]})
+    ).run()
     experts, weights = forced.routing(2)
     assert (experts[:, 0] == 6).all()
     assert torch.equal(weights, forced.router_probs(2).gather(-1, experts))  # the router's own probabilities

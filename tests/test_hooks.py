@@ -41,8 +41,10 @@ def test_glob_selection_and_unknown_names(tiny_model):
         "model.layers.2.mlp.gate.hook_topk_idx",
     ]
     assert len(model.hook_names("model.layers.1.mlp.experts.*.hook_out")) == 8
-    assert model.hook_names(lambda n: n.endswith("hook_c_kv")) == [f"model.layers.{i}.self_attn.hook_c_kv" for i in range(3)]
-    with pytest.raises(KeyError, match="Did you mean.*hook_pattern"):
+    assert model.hook_names(lambda n: n.endswith("hook_c_kv")) == [
+        f"model.layers.{i}.self_attn.hook_c_kv" for i in range(3)
+    ]
+    with pytest.raises(KeyError, match=r"Did you mean.*hook_pattern"):
         model.hook_names("model.layers.1.self_attn.hook_patern")
 
 
@@ -85,8 +87,12 @@ def test_attention_hooks_are_consistent(tiny_model, impl):
     z = torch.einsum("bhts,bshv->bthv", a[p + "hook_pattern"], a[p + "hook_v"])
     torch.testing.assert_close(a[p + "hook_z"], z, atol=1e-5, rtol=0)
     # residual bookkeeping
-    torch.testing.assert_close(a["model.layers.1.hook_resid_mid"], a["model.layers.1.hook_resid_pre"] + a[p + "hook_out"])
-    torch.testing.assert_close(a["model.layers.1.hook_resid_post"], a["model.layers.1.hook_resid_mid"] + a["model.layers.1.mlp.hook_out"])
+    torch.testing.assert_close(
+        a["model.layers.1.hook_resid_mid"], a["model.layers.1.hook_resid_pre"] + a[p + "hook_out"]
+    )
+    torch.testing.assert_close(
+        a["model.layers.1.hook_resid_post"], a["model.layers.1.hook_resid_mid"] + a["model.layers.1.mlp.hook_out"]
+    )
 
 
 def test_both_paths_expose_the_same_per_head_tensors(tiny_model):
@@ -136,7 +142,9 @@ def test_replacing_topk_forces_routing(tiny_model):
     fired = {int(n.split(".")[5]) for n in a if ".experts." in n}
     assert fired == {0, 5, 7}
     assert all(a[f"model.layers.1.mlp.experts.{e}.hook_out"].shape[0] == 6 for e in fired)
-    torch.testing.assert_close(a["model.layers.1.mlp.gate.hook_topk_weights"][0, :, 0], a["model.layers.1.mlp.gate.hook_probs"][0, :, 5])
+    torch.testing.assert_close(
+        a["model.layers.1.mlp.gate.hook_topk_weights"][0, :, 0], a["model.layers.1.mlp.gate.hook_probs"][0, :, 5]
+    )
 
 
 def test_replaced_latent_is_what_the_cache_keeps_and_changes_the_output(tiny_model):
@@ -145,7 +153,9 @@ def test_replaced_latent_is_what_the_cache_keeps_and_changes_the_output(tiny_mod
     cache = model.new_cache()
     with torch.no_grad():
         clean = model(ids)
-        patched = model.run_with_hooks(ids, cache, fwd_hooks=[("model.layers.1.self_attn.hook_c_kv", lambda x, h: torch.zeros_like(x))])
+        patched = model.run_with_hooks(
+            ids, cache, fwd_hooks=[("model.layers.1.self_attn.hook_c_kv", lambda x, h: torch.zeros_like(x))]
+        )
     assert torch.all(cache.c_kv[1, :, :8] == 0) and torch.any(cache.c_kv[2, :, :8] != 0)
     assert not torch.allclose(clean, patched)
     assert not any(h.active for h in model.hook_points.values())
@@ -166,7 +176,9 @@ def test_per_head_keys_are_built_only_when_asked(tiny_model):
         calls, handle = count_calls(model.model.layers[1].self_attn.kv_b_proj)
         model(torch.tensor([[3]]), cache)
         assert calls == []
-        model.run_with_hooks(torch.tensor([[4]]), cache, fwd_hooks=[("model.layers.1.self_attn.hook_v", lambda x, h: None)])
+        model.run_with_hooks(
+            torch.tensor([[4]]), cache, fwd_hooks=[("model.layers.1.self_attn.hook_v", lambda x, h: None)]
+        )
         assert calls == [1]
         handle.remove()
 
@@ -191,7 +203,9 @@ def test_bad_replacement_and_failing_hook_leave_the_model_clean(tiny_model):
     ids = torch.randint(0, 320, (1, 5))
     with torch.no_grad():
         before = model(ids)
-        with pytest.raises(HookError, match=r"returned \(1, 5\); a replacement must be a tensor of the input's shape \(1, 5, 64\)"):
+        with pytest.raises(
+            HookError, match=r"returned \(1, 5\); a replacement must be a tensor of the input's shape \(1, 5, 64\)"
+        ):
             model.run_with_hooks(ids, fwd_hooks=[("model.layers.0.hook_resid_pre", lambda x, h: x[..., 0])])
         with pytest.raises(HookError, match="ZeroDivisionError"), model.hooks([("*.hook_z", lambda x, h: 1 / 0)]):
             model(ids)

@@ -90,7 +90,7 @@ def test_a_failing_hook_leaves_the_cache_as_it_was(tiny_model):
         def boom(x, hook):
             raise RuntimeError("bad hook")
 
-        with pytest.raises(HookError, match="model.layers.2.self_attn.hook_pattern raised RuntimeError: bad hook"):
+        with pytest.raises(HookError, match=r"model.layers.2.self_attn.hook_pattern raised RuntimeError: bad hook"):
             model.run_with_hooks(ids[:, 15:16], cache, fwd_hooks=[("model.layers.2.self_attn.hook_pattern", boom)])
         assert cache.length == 15
         assert not any(h.active for h in model.hook_points.values())

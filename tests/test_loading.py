@@ -41,7 +41,10 @@ def test_weights_land_in_the_requested_dtype_unchanged(random_ckpt):
     state = model.state_dict()
     assert set(state) == set(stored)
     assert all(t.dtype == torch.bfloat16 for t in state.values())
-    assert torch.equal(state["model.layers.2.mlp.experts.3.up_proj.weight"], stored["model.layers.2.mlp.experts.3.up_proj.weight"].bfloat16())
+    assert torch.equal(
+        state["model.layers.2.mlp.experts.3.up_proj.weight"],
+        stored["model.layers.2.mlp.experts.3.up_proj.weight"].bfloat16(),
+    )
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     assert model.tokenizer is not None and model.tokenizer.bos_token_id == TINY_CONFIG.bos_token_id
 
@@ -75,7 +78,7 @@ def test_corrupt_header(random_ckpt):
     data = bytearray(path.read_bytes())
     data[8:16] = b"#garbage"
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors"):
         dsv2viz.load(random_ckpt, progress=False)
 
 
@@ -141,7 +144,9 @@ def test_peak_host_memory_stays_under_1_2x_the_checkpoint(tmp_path):
     would need 2x or more. A tiny checkpoint is loaded first so that one-time costs (the tokenizer
     library, torch's first allocations) do not count against the weights.
     """
-    config = TINY_CONFIG.replace(hidden_size=512, n_routed_experts=64, moe_intermediate_size=256, num_hidden_layers=4, intermediate_size=1024)
+    config = TINY_CONFIG.replace(
+        hidden_size=512, n_routed_experts=64, moe_intermediate_size=256, num_hidden_layers=4, intermediate_size=1024
+    )
     folder = write_random_checkpoint(tmp_path / "big", config, dtype=torch.bfloat16)
     warm_up = write_random_checkpoint(tmp_path / "tiny", dtype=torch.bfloat16)
     size = (folder / "model.safetensors").stat().st_size

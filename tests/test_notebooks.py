@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 def test_01_quickstart(run_notebook):
-    run_notebook("01_quickstart.ipynb", """
+    run_notebook(
+        "01_quickstart.ipynb",
+        """
 asked = dash.max_new_tokens.value
 assert len(trace.generated_ids) == asked, (len(trace.generated_ids), asked)
 assert dsv2viz.Trace.load(folder) == trace
@@ -12,11 +14,14 @@ html = open(report_path, encoding="utf-8").read()
 assert html.count('class="plotly-graph-div"') >= 10
 import re
 assert not re.search(r'<script[^>]+src="https?:', html), "the report must not load scripts from the network"
-""")
+""",
+    )
 
 
 def test_02_expert_routing(run_notebook):
-    run_notebook("02_expert_routing.ipynb", """
+    run_notebook(
+        "02_expert_routing.ipynb",
+        """
 import math, keyword
 from collections import Counter
 K, E, moe = c.num_experts_per_tok, c.n_routed_experts, c.moe_layers
@@ -119,11 +124,14 @@ for _, h in held.iterrows():
     expected = (of_e.count(h.kind) / len(of_e)) / (slot_kinds.count(h.kind) / len(slot_kinds))
     assert math.isclose(h["enrichment, corpus"], expected, rel_tol=1e-9)
 assert (corpus_co_fig.data[0].z == analysis.coactivation(corpus, layer).numpy()).all()
-""")
+""",
+    )
 
 
 def test_03_latent_kv(run_notebook):
-    run_notebook("03_latent_kv.ipynb", """
+    run_notebook(
+        "03_latent_kv.ipynb",
+        """
 import math
 import numpy as np
 R, dr, L, H = c.kv_lora_rank, c.qk_rope_head_dim, c.num_hidden_layers, c.num_attention_heads
@@ -185,11 +193,14 @@ for _, r in shares.iterrows():
     assert math.isclose(r.rope_share, expected, rel_tol=1e-4), (layer, head, r.rope_share, expected)
 assert (hi.rope_share, lo.rope_share) == (shares.rope_share.max(), shares.rope_share.min())
 assert np.allclose(rope_fig.data[0].z, analysis.head_matrix(shares, "rope_share").numpy(), equal_nan=True)
-""")
+""",
+    )
 
 
 def test_04_attention_heads(run_notebook):
-    run_notebook("04_attention_heads.ipynb", """
+    run_notebook(
+        "04_attention_heads.ipynb",
+        """
 import math
 import numpy as np
 L, H, S = c.num_hidden_layers, c.num_attention_heads, len(trace)
@@ -232,4 +243,5 @@ assert f"layer {int(prev.layer)}, head {int(prev['head'])}" in explorer.pattern.
 assert np.allclose(explorer.pattern.data[0].z, view.pattern.numpy())
 assert np.allclose(explorer.rope_share.data[0].z, rope_fig.data[0].z)
 assert np.allclose(explorer.entropy.data[0].z, entropy_fig.data[0].z)
-""")
+""",
+    )

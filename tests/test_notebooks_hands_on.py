@@ -5,7 +5,9 @@ from __future__ import annotations
 
 
 def test_05_interventions(run_notebook):
-    run_notebook("05_interventions.ipynb", """
+    run_notebook(
+        "05_interventions.ipynb",
+        """
 import math
 import torch.nn.functional as F
 
@@ -119,11 +121,14 @@ for fig_trace, (name, (_, cmp)) in zip(kl_fig.data, results.items()):
     assert all(math.isnan(y) if math.isnan(k) else y == k for y, k in zip(fig_trace.y, cmp.kl.tolist()))
 assert list(changed_fig.data[0].y) == list(results)
 assert (changed_fig.data[0].z == torch.stack([cmp.routing_changed for _, cmp in results.values()]).numpy()).all()
-""")
+""",
+    )
 
 
 def test_06_hook_api(run_notebook):
-    run_notebook("06_hook_api.ipynb", """
+    run_notebook(
+        "06_hook_api.ipynb",
+        """
 import math
 from collections import Counter
 
@@ -211,4 +216,5 @@ assert still_attached == [] and not any(h.active for h in model.hook_points.valu
 assert torch.equal(before, after)
 # and as the first forward pass of the notebook (its recorded pattern took the explicit-scores path: rounding only)
 assert torch.allclose(after, logits, atol=1e-4)
-""")
+""",
+    )

@@ -19,7 +19,12 @@ ATOL = 1e-4
 CASES = {
     "lite_like": {},
     "q_lora": {"q_lora_rank": 24},
-    "group_limited": {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5},
+    "group_limited": {
+        "topk_method": "group_limited_greedy",
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 2.5,
+    },
     "two_dense_layers": {"first_k_dense_replace": 2, "num_hidden_layers": 4, "routed_scaling_factor": 0.7},
 }
 
@@ -31,7 +36,9 @@ def reference_topk(hf_model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int,
     for i, layer in enumerate(hf_model.model.layers):
         gate = getattr(layer.mlp, "gate", None)
         if gate is not None and hasattr(gate, "topk_method"):
-            handles.append(gate.register_forward_hook(lambda m, a, out, i=i: chosen.__setitem__(i, out[2].sort(-1).values)))
+            handles.append(
+                gate.register_forward_hook(lambda m, a, out, i=i: chosen.__setitem__(i, out[2].sort(-1).values))
+            )
     try:
         with torch.no_grad():
             logits = hf_model(ids).logits

@@ -22,8 +22,14 @@ from dsv2viz.random_checkpoint import write_random_checkpoint
 from dsv2viz.traces import Recording
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 EVIL = "<img src=x onerror=alert(1)>"
 
 
@@ -61,9 +67,29 @@ def open_offline(browser, path: Path):
 def test_cli_report_renders_every_plot_offline(tmp_path, browser):
     model_dir = write_random_checkpoint(tmp_path / "m")
     html_path = tmp_path / "report.html"
-    cmd = [sys.executable, "-m", "dsv2viz", "generate", "--model", str(model_dir), "--prompt", "def f(x):",
-           "--max-new-tokens", "8", "--attention", "full", "--attention-layers", "1,2", "--device", "cpu",
-           "--trace", str(tmp_path / "trace"), "--report", str(html_path), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsv2viz",
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "def f(x):",
+        "--max-new-tokens",
+        "8",
+        "--attention",
+        "full",
+        "--attention-layers",
+        "1,2",
+        "--device",
+        "cpu",
+        "--trace",
+        str(tmp_path / "trace"),
+        "--report",
+        str(html_path),
+        "--quiet",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     text = html_path.read_text()
@@ -79,15 +105,20 @@ def test_cli_report_renders_every_plot_offline(tmp_path, browser):
 
     # the report command rebuilds the same page from the saved trace
     again = tmp_path / "again.html"
-    done = subprocess.run([sys.executable, "-m", "dsv2viz", "report", str(tmp_path / "trace"), "-o", str(again)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dsv2viz", "report", str(tmp_path / "trace"), "-o", str(again)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert again.read_text().count('class="plotly-graph-div"') == expected - 1  # no model given: no logit lens
 
 
 def test_token_text_never_runs_in_the_report(tmp_path, browser):
     model = dsv2viz.load(write_random_checkpoint(tmp_path / "m", dtype=torch.float32), progress=False)
-    trace = model.generate("hello world", 4, record=Recording(attention="full", queries=True, attention_layers=[1])).run()
+    trace = model.generate(
+        "hello world", 4, record=Recording(attention="full", queries=True, attention_layers=[1])
+    ).run()
     texts = list(trace.token_texts)
     texts[2] = EVIL
     texts[-1] = EVIL

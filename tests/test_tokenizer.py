@@ -105,8 +105,10 @@ def test_malformed_json_names_the_file(tmp_path, name):
 
 
 def test_default_chat_template(tok):
-    expected = ("<｜begin▁of▁sentence｜>You are terse.\n\nUser: hi\n\nAssistant: hello<｜end▁of▁sentence｜>"
-                "User: bye\n\nAssistant:")
+    expected = (
+        "<｜begin▁of▁sentence｜>You are terse.\n\nUser: hi\n\nAssistant: hello<｜end▁of▁sentence｜>"
+        "User: bye\n\nAssistant:"
+    )
     assert tok.apply_chat_template(CHAT) == expected
     assert tok.apply_chat_template(CHAT, add_generation_prompt=False) == expected.removesuffix("Assistant:")
     ids = tok.encode_chat(CHAT)
@@ -115,11 +117,14 @@ def test_default_chat_template(tok):
     assert tok.decode(ids) == expected
 
 
-@pytest.mark.parametrize("messages, complaint", [
-    ([{"role": "robot", "content": "beep"}], "unknown role robot"),
-    ([{"role": "user"}], "content"),
-    ([{"content": "hi"}], "role"),
-])
+@pytest.mark.parametrize(
+    "messages, complaint",
+    [
+        ([{"role": "robot", "content": "beep"}], "unknown role robot"),
+        ([{"role": "user"}], "content"),
+        ([{"content": "hi"}], "role"),
+    ],
+)
 def test_bad_messages(tok, messages, complaint):
     with pytest.raises(TokenizerError, match=complaint):
         tok.apply_chat_template(messages)
@@ -131,11 +136,14 @@ def test_custom_template_from_config(tmp_path):
     assert tok.apply_chat_template(CHAT[1:3]) == f"[user|hi][assistant|hello]{DEEPSEEK_EOS}"
 
 
-@pytest.mark.parametrize("template", [
-    "{{ ''.__class__.__mro__ }}",
-    "{{ messages.__class__() }}",
-    "{{ messages.append(1) }}",
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "{{ messages.__class__() }}",
+        "{{ messages.append(1) }}",
+    ],
+)
 def test_unsafe_template_is_blocked(tmp_path, template):
     tok = Tokenizer.from_dir(make_folder(tmp_path, chat_template=template))
     with pytest.raises(TokenizerError) as err:
@@ -144,10 +152,13 @@ def test_unsafe_template_is_blocked(tmp_path, template):
     assert "<class" not in str(err.value)
 
 
-@pytest.mark.parametrize("template, message", [
-    ("{% for m in messages %}", "end of template"),
-    ("{{ raise_exception('no tools here') }}", "no tools here"),
-])
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{% for m in messages %}", "end of template"),
+        ("{{ raise_exception('no tools here') }}", "no tools here"),
+    ],
+)
 def test_failing_template(tmp_path, template, message):
     tok = Tokenizer.from_dir(make_folder(tmp_path, chat_template=template))
     with pytest.raises(TokenizerError, match=message):
@@ -165,8 +176,12 @@ def test_token_texts_are_readable(tok):
 
 def test_untrained_byte_level_tokenizer(tmp_path):
     for texts in (None, []):
-        write_tokenizer_files(tmp_path, byte_level_bpe(texts, 258, DEEPSEEK_BOS, DEEPSEEK_EOS),
-                              bos_token=DEEPSEEK_BOS, eos_token=DEEPSEEK_EOS)
+        write_tokenizer_files(
+            tmp_path,
+            byte_level_bpe(texts, 258, DEEPSEEK_BOS, DEEPSEEK_EOS),
+            bos_token=DEEPSEEK_BOS,
+            eos_token=DEEPSEEK_EOS,
+        )
         tok = Tokenizer.from_dir(tmp_path, bos_token_id=256, eos_token_id=257)
         assert tok.vocab_size == 258
         ids = tok.encode(MIXED, add_bos=False)
@@ -179,9 +194,20 @@ def test_untrained_byte_level_tokenizer(tmp_path):
 
 
 def test_written_config_matches_the_official_shape(tmp_path):
-    write_tokenizer_files(tmp_path, byte_level_bpe(None, 258, DEEPSEEK_BOS, DEEPSEEK_EOS),
-                          bos_token=DEEPSEEK_BOS, eos_token=DEEPSEEK_EOS, chat_template="{{ bos_token }}")
+    write_tokenizer_files(
+        tmp_path,
+        byte_level_bpe(None, 258, DEEPSEEK_BOS, DEEPSEEK_EOS),
+        bos_token=DEEPSEEK_BOS,
+        eos_token=DEEPSEEK_EOS,
+        chat_template="{{ bos_token }}",
+    )
     config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["add_bos_token"] is True and config["chat_template"] == "{{ bos_token }}"
-    assert config["eos_token"] == {"__type": "AddedToken", "content": DEEPSEEK_EOS, "lstrip": False,
-                                   "normalized": True, "rstrip": False, "single_word": False}
+    assert config["eos_token"] == {
+        "__type": "AddedToken",
+        "content": DEEPSEEK_EOS,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+    }

@@ -216,8 +216,11 @@ def top_tokens_per_expert(traces: Routed, layer: int, *, n: int = 10) -> pd.Data
         _corpus_row(traces, layer)
         te = traces.stats.token_experts
         te = te[te["layer"] == layer]
-        df = (te.assign(token=traces.token_text(te["token_id"].tolist()))
-              .groupby(["expert", "token"], as_index=False)["count"].sum())
+        df = (
+            te.assign(token=traces.token_text(te["token_id"].tolist()))
+            .groupby(["expert", "token"], as_index=False)["count"]
+            .sum()
+        )
         df["expert"] = df["expert"].astype(np.int64)
     else:
         pairs: Counter[tuple[int, str]] = Counter()
@@ -243,7 +246,9 @@ def _corpus_near_ties(corpus, threshold: float | None) -> pd.DataFrame:
     rows = rows[rows["near_tie"] if threshold is None else rows["margin"] < threshold]
     rows = rows.assign(token=corpus.token_text(rows["token_id"].tolist()), doc_id=rows["doc_id"].astype(str))
     out = rows[["doc_index", "doc_id", "position", "layer", "token", "kth_expert", "next_expert", "margin"]]
-    return out.astype({"layer": np.int64, "kth_expert": np.int64, "next_expert": np.int64, "margin": np.float64}).reset_index(drop=True)
+    return out.astype(
+        {"layer": np.int64, "kth_expert": np.int64, "next_expert": np.int64, "margin": np.float64}
+    ).reset_index(drop=True)
 
 
 def moe_contributions(traces: Traces) -> pd.DataFrame:

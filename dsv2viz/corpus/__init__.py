@@ -7,4 +7,4 @@ from .job import collect
 from .shard import ROW_SCHEMA, CollectSettings
 from .stats import RoutingStats
 
-__all__ = ["collect", "Corpus", "CollectError", "CollectSettings", "RoutingStats", "ROW_SCHEMA"]
+__all__ = ["ROW_SCHEMA", "CollectError", "CollectSettings", "Corpus", "RoutingStats", "collect"]

@@ -64,13 +64,23 @@ class Corpus:
         `doc_index` values come from :meth:`documents` (e.g. ``docs[docs.doc_id.str.endswith(".py")].doc_index``).
         """
         wanted = sorted({int(i) for i in doc_index})
-        unknown = set(wanted) - set(self.documents()["doc_index"].tolist()) if self.doc_index is None else set(wanted) - set(self.doc_index)
+        unknown = (
+            set(wanted) - set(self.documents()["doc_index"].tolist())
+            if self.doc_index is None
+            else set(wanted) - set(self.doc_index)
+        )
         if unknown:
-            raise CollectError(f"documents {sorted(unknown)[:5]} are not among this corpus's routed documents (see .documents())")
+            raise CollectError(
+                f"documents {sorted(unknown)[:5]} are not among this corpus's routed documents (see .documents())"
+            )
         view = Corpus(self.folder, self.manifest, self.stats, wanted)
         c = self.config
-        stats = RoutingStats.from_rows(c.moe_layers, c.n_routed_experts, c.num_experts_per_tok, row_arrays(view.table()), len(wanted))
-        stats.token_experts = stats.token_experts.assign(token=self.token_text(stats.token_experts["token_id"].tolist()))
+        stats = RoutingStats.from_rows(
+            c.moe_layers, c.n_routed_experts, c.num_experts_per_tok, row_arrays(view.table()), len(wanted)
+        )
+        stats.token_experts = stats.token_experts.assign(
+            token=self.token_text(stats.token_experts["token_id"].tolist())
+        )
         view.stats = stats
         return view
 

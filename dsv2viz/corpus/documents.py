@@ -98,7 +98,9 @@ def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl", ".parquet"))
+            found = sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl", ".parquet")
+            )
             if not found:
                 raise CollectError(f"{p}: the folder holds no .txt, .jsonl or .parquet files")
             out += found
@@ -134,7 +136,9 @@ def _parquet_rows(path: Path, text_field: str) -> int:
     return pf.metadata.num_rows
 
 
-def plan_shards(paths: Sequence[str | os.PathLike], docs_per_shard: int, text_field: str) -> tuple[list[InputFile], list[ShardSpec]]:
+def plan_shards(
+    paths: Sequence[str | os.PathLike], docs_per_shard: int, text_field: str
+) -> tuple[list[InputFile], list[ShardSpec]]:
     """Count the records of every input and cut them into shards of `docs_per_shard` consecutive records.
 
     Fails (CollectError) before any work for a missing file, an unknown type or a Parquet file that cannot
@@ -207,7 +211,9 @@ def _jsonl(path: str, seg: Segment, first: int, text_field: str, id_field: str) 
                 yield Document(index, line_no, None, f"not valid JSON ({e})")
                 continue
             if not isinstance(obj, dict):
-                yield Document(index, line_no, None, f"a JSON {type(obj).__name__}, not an object with a {text_field!r} field")
+                yield Document(
+                    index, line_no, None, f"a JSON {type(obj).__name__}, not an object with a {text_field!r} field"
+                )
                 continue
             doc_id = str(obj[id_field]) if obj.get(id_field) is not None else line_no
             text = obj.get(text_field)
@@ -237,11 +243,18 @@ def _parquet(path: str, seg: Segment, first: int, text_field: str, id_field: str
                 if isinstance(text, str):
                     yield Document(first + r - seg.start, name, text)
                 else:
-                    yield Document(first + r - seg.start, name, None, f"column {text_field!r} is {'null' if text is None else type(text).__name__}")
+                    yield Document(
+                        first + r - seg.start,
+                        name,
+                        None,
+                        f"column {text_field!r} is {'null' if text is None else type(text).__name__}",
+                    )
         row += n
 
 
-def read_shard(files: Sequence[InputFile], spec: ShardSpec, text_field: str = "text", id_field: str = "id") -> list[Document]:
+def read_shard(
+    files: Sequence[InputFile], spec: ShardSpec, text_field: str = "text", id_field: str = "id"
+) -> list[Document]:
     """The documents of one shard, in record order, bad records included as errors."""
     docs: list[Document] = []
     first = spec.first_doc

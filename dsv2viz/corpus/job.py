@@ -78,34 +78,59 @@ def collect(
     files, specs = plan_shards(inputs, settings.docs_per_shard, settings.text_field)
     if ray:
         if isinstance(model, DeepseekV2ForCausalLM):
-            raise CollectError("with ray=True pass the checkpoint folder, not a loaded model: each worker loads its own copy")
+            raise CollectError(
+                "with ray=True pass the checkpoint folder, not a loaded model: each worker loads its own copy"
+            )
         folder = Path(model or DEMO_MODEL).expanduser()
         config = DeepseekV2Config.from_json(folder)
         device_type = "cuda" if gpus_per_worker or (gpus_per_worker is None and _cluster_gpus(ray_address)) else "cpu"
         dtype = dtype or default_dtype(torch.device(device_type))
         loaded = None
     else:
-        loaded = model if isinstance(model, DeepseekV2ForCausalLM) else load(model, device=device, dtype=dtype, progress=progress)
+        loaded = (
+            model
+            if isinstance(model, DeepseekV2ForCausalLM)
+            else load(model, device=device, dtype=dtype, progress=progress)
+        )
         folder = None if isinstance(model, DeepseekV2ForCausalLM) else Path(model or DEMO_MODEL).expanduser()
         config, device_type, dtype = loaded.config, loaded.device.type, loaded.dtype
     job = {
-        "format": FORMAT, "version": VERSION,
+        "format": FORMAT,
+        "version": VERSION,
         "model": {"path": str(folder) if folder else None, "config": config.to_dict()},
-        "dtype": str(dtype).removeprefix("torch."), "device": device_type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device_type,
         "settings": dataclasses.asdict(settings),
         "files": [dataclasses.asdict(f) for f in files],
         "shards": [s.to_dict() for s in specs],
     }
     _start(out, job)
     todo = [s for s in specs if not (out / "shards" / f"{s.name}.json").exists()]
-    bar = tqdm(unit="tok", unit_scale=True, desc=f"collect: {len(todo)} of {len(specs)} shards to do", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        unit="tok",
+        unit_scale=True,
+        desc=f"collect: {len(todo)} of {len(specs)} shards to do",
+        disable=not progress,
+        file=sys.stderr,
+    )
     shown = 0
     try:
         if ray:
             from .ray_backend import run_shards
 
-            summaries = run_shards(folder, files, settings, out, todo, dtype=job["dtype"], device=device_type,
-                                   threads=threads, address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
+            summaries = run_shards(
+                folder,
+                files,
+                settings,
+                out,
+                todo,
+                dtype=job["dtype"],
+                device=device_type,
+                threads=threads,
+                address=ray_address,
+                workers=workers,
+                gpus_per_worker=gpus_per_worker,
+            )
         else:
             summaries = _in_process(loaded, files, settings, out, todo, threads, bar)
         for summary in summaries:
@@ -119,7 +144,11 @@ def collect(
         bar.close()
     if shown > SHOW_SKIPPED:
         print(f"... and {shown - SHOW_SKIPPED} more skipped documents: see {out / 'skipped.jsonl'}", file=sys.stderr)
-    tokenizer = loaded.tokenizer if loaded is not None else Tokenizer.from_dir(folder, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
+    tokenizer = (
+        loaded.tokenizer
+        if loaded is not None
+        else Tokenizer.from_dir(folder, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
+    )
     _merge(out, job, specs, tokenizer)
     return Corpus.open(out)
 
@@ -134,8 +163,15 @@ def _cluster_gpus(address: str | None) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _in_process(model: DeepseekV2ForCausalLM, files: list[InputFile], settings: CollectSettings, out: Path,
-                todo: list[ShardSpec], threads: int | None, bar: tqdm) -> Iterator[dict]:
+def _in_process(
+    model: DeepseekV2ForCausalLM,
+    files: list[InputFile],
+    settings: CollectSettings,
+    out: Path,
+    todo: list[ShardSpec],
+    threads: int | None,
+    bar: tqdm,
+) -> Iterator[dict]:
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -154,7 +190,9 @@ def _start(out: Path, job: dict) -> None:
         try:
             old = json.loads(manifest.read_text())
         except json.JSONDecodeError as e:
-            raise CollectError(f"{manifest} is not valid JSON ({e}); delete {out} or choose another output folder") from None
+            raise CollectError(
+                f"{manifest} is not valid JSON ({e}); delete {out} or choose another output folder"
+            ) from None
         differ = [k for k in job if old.get(k) != job[k]]
         if differ:
             raise CollectError(
@@ -188,7 +226,9 @@ def _merge(out: Path, job: dict, specs: list[ShardSpec], tokenizer: Tokenizer | 
         te = te.assign(token=[texts[i] for i in te["token_id"].tolist()])
     stats.token_experts = te
     stats.save(out, "stats")
-    pd.DataFrame(documents, columns=["doc_index", "doc_id", "tokens"]).to_parquet(out / "documents.parquet", index=False)
+    pd.DataFrame(documents, columns=["doc_index", "doc_id", "tokens"]).to_parquet(
+        out / "documents.parquet", index=False
+    )
     (out / "skipped.jsonl").write_text("".join(json.dumps(s) + "\n" for s in skipped))
     totals = {"documents": len(documents), "skipped": len(skipped), "tokens": stats.tokens}
     (out / "manifest.json").write_text(json.dumps({**job, "complete": True, "totals": totals}, indent=1))

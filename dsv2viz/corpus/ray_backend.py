@@ -22,7 +22,7 @@ def require_ray():
     """The ray module, or a CollectError saying how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401  (the data extra)
+        import ray.data
     except ImportError:
         raise CollectError("Ray is not installed: pip install 'dsv2viz[ray]' (or run without --ray)") from None
     return ray
@@ -31,7 +31,9 @@ def require_ray():
 class _ShardActor:
     """A Ray actor: one loaded model; each call routes one shard and returns its summary as JSON."""
 
-    def __init__(self, folder: str, files: list[dict], settings: dict, out: str, dtype: str, device: str, threads: int | None) -> None:
+    def __init__(
+        self, folder: str, files: list[dict], settings: dict, out: str, dtype: str, device: str, threads: int | None
+    ) -> None:
         import torch
 
         from ..loading import load
@@ -48,15 +50,27 @@ class _ShardActor:
 
 
 def run_shards(
-    folder: Path, files: Sequence[InputFile], settings: CollectSettings, out: Path, todo: Sequence[ShardSpec], *,
-    dtype: str, device: str, threads: int | None, address: str | None, workers: int | None, gpus_per_worker: float | None,
+    folder: Path,
+    files: Sequence[InputFile],
+    settings: CollectSettings,
+    out: Path,
+    todo: Sequence[ShardSpec],
+    *,
+    dtype: str,
+    device: str,
+    threads: int | None,
+    address: str | None,
+    workers: int | None,
+    gpus_per_worker: float | None,
 ) -> Iterator[dict]:
     """Run `todo` on a Ray cluster (`address`) or a local Ray instance; yields each shard's summary as it ends."""
     ray = require_ray()
     if not todo:
         return
     started = not ray.is_initialized()
-    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(
+        address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
+    )
     resources = ray.cluster_resources()
     if device == "cuda":
         gpus = 1.0 if gpus_per_worker is None else gpus_per_worker
@@ -74,10 +88,18 @@ def run_shards(
     results = specs.map_batches(
         _ShardActor,
         fn_constructor_kwargs={
-            "folder": str(folder), "files": [dataclasses.asdict(f) for f in files], "settings": dataclasses.asdict(settings),
-            "out": str(Path(out).resolve()), "dtype": dtype, "device": device, "threads": threads,
+            "folder": str(folder),
+            "files": [dataclasses.asdict(f) for f in files],
+            "settings": dataclasses.asdict(settings),
+            "out": str(Path(out).resolve()),
+            "dtype": dtype,
+            "device": device,
+            "threads": threads,
         },
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))), num_gpus=gpus, num_cpus=cpus,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
+        num_gpus=gpus,
+        num_cpus=cpus,
     )
     try:
         for row in results.iter_rows():

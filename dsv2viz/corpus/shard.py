@@ -55,20 +55,22 @@ class CollectSettings:
         return min(ctx, 4096) if self.max_tokens is None else self.max_tokens
 
 
-ROW_SCHEMA = pa.schema([
-    ("doc_index", pa.int64()),  # the document's index in the corpus (record order over the inputs)
-    ("doc_id", pa.dictionary(pa.int32(), pa.string())),  # the input's id field, else path:line / path:row
-    ("position", pa.int32()),  # token position in the document (BOS is position 0 when added)
-    ("token_id", pa.int32()),
-    ("layer", pa.int16()),  # model layer index (MoE layers only)
-    ("experts", pa.list_(pa.int16())),  # the K routed experts, in the router's order (best first)
-    ("weights", pa.list_(pa.float32())),  # their routing weights (after normalisation and scaling)
-    ("entropy", pa.float32()),  # entropy of the full router distribution, nats
-    ("margin", pa.float32()),  # K-th minus (K+1)-th largest router probability
-    ("kth_expert", pa.int16()),  # the expert with the K-th largest probability
-    ("next_expert", pa.int16()),  # the runner-up: the (K+1)-th
-    ("near_tie", pa.bool_()),  # margin below the collection's near-tie threshold
-])
+ROW_SCHEMA = pa.schema(
+    [
+        ("doc_index", pa.int64()),  # the document's index in the corpus (record order over the inputs)
+        ("doc_id", pa.dictionary(pa.int32(), pa.string())),  # the input's id field, else path:line / path:row
+        ("position", pa.int32()),  # token position in the document (BOS is position 0 when added)
+        ("token_id", pa.int32()),
+        ("layer", pa.int16()),  # model layer index (MoE layers only)
+        ("experts", pa.list_(pa.int16())),  # the K routed experts, in the router's order (best first)
+        ("weights", pa.list_(pa.float32())),  # their routing weights (after normalisation and scaling)
+        ("entropy", pa.float32()),  # entropy of the full router distribution, nats
+        ("margin", pa.float32()),  # K-th minus (K+1)-th largest router probability
+        ("kth_expert", pa.int16()),  # the expert with the K-th largest probability
+        ("next_expert", pa.int16()),  # the runner-up: the (K+1)-th
+        ("near_tie", pa.bool_()),  # margin below the collection's near-tie threshold
+    ]
+)
 
 
 def rows_table(arrays: dict[str, np.ndarray]) -> pa.Table:
@@ -106,8 +108,14 @@ def row_arrays(table: pa.Table) -> dict[str, np.ndarray]:
 class ShardRunner:
     """Runs shards of a planned corpus through one loaded model and writes their files under `out`."""
 
-    def __init__(self, model: DeepseekV2ForCausalLM, files: Sequence[InputFile], settings: CollectSettings, out: Path,
-                 on_tokens: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: DeepseekV2ForCausalLM,
+        files: Sequence[InputFile],
+        settings: CollectSettings,
+        out: Path,
+        on_tokens: Callable[[int], None] | None = None,
+    ) -> None:
         if model.tokenizer is None:
             raise CollectError("this model has no tokenizer (no tokenizer.json in its folder); collect needs one")
         self.model, self.files, self.settings, self.out = model, list(files), settings, Path(out)
@@ -127,7 +135,9 @@ class ShardRunner:
                 ids.append(tokens)
         arrays = self._route(docs, ids)
         config = self.model.config
-        stats = RoutingStats.from_rows(config.moe_layers, config.n_routed_experts, config.num_experts_per_tok, arrays, len(docs))
+        stats = RoutingStats.from_rows(
+            config.moe_layers, config.n_routed_experts, config.num_experts_per_tok, arrays, len(docs)
+        )
         table = rows_table(arrays)
         rows_dir, shard_dir = self.out / "rows", self.out / "shards"
         _atomic(rows_dir / f"part-{spec.name}.parquet", lambda p: pq.write_table(table, p))
@@ -156,8 +166,10 @@ class ShardRunner:
         tokens = self.model.tokenizer.encode(doc.text, add_bos=self.settings.add_bos)
         if len(tokens) > self.limit:
             ctx = self.model.config.max_position_embeddings
-            return (f"{len(tokens)} tokens, over the limit of {self.limit} (--max-tokens; the model's context is {ctx}): "
-                    "raise the limit or split the document; it was not truncated"), []
+            return (
+                f"{len(tokens)} tokens, over the limit of {self.limit} (--max-tokens; the model's context is {ctx}): "
+                "raise the limit or split the document; it was not truncated"
+            ), []
         return None, tokens
 
     def _batches(self, ids: list[list[int]]) -> list[list[int]]:
@@ -180,10 +192,12 @@ class ShardRunner:
         parts: list[dict[str, np.ndarray]] = []
         for batch in self._batches(ids):
             T = len(ids[batch[0]])
-            x = torch.tensor([ids[i] + [0] * (T - len(ids[i])) for i in batch], device=model.device)  # (B, T) right-padded
+            x = torch.tensor(
+                [ids[i] + [0] * (T - len(ids[i])) for i in batch], device=model.device
+            )  # (B, T) right-padded
             seen: dict[str, torch.Tensor] = {}
 
-            def keep(value: torch.Tensor, hook) -> None:
+            def keep(value: torch.Tensor, hook, seen: dict[str, torch.Tensor] = seen) -> None:
                 seen[hook.name] = value.detach()
 
             model.run_with_hooks(x, fwd_hooks=[(names, keep)], last_only=True)
@@ -192,18 +206,27 @@ class ShardRunner:
                 probs = seen[gate + "probs"].float()  # (B, T, E)
                 m = router_margin(probs, K)  # (B, T) each
                 per_token = {
-                    "experts": seen[gate + "topk_idx"], "weights": seen[gate + "topk_weights"].float(),
-                    "entropy": entropy(probs).float(), "margin": m.margin, "kth_expert": m.kth_expert,
-                    "next_expert": m.next_expert, "near_tie": m.near_tie(self.settings.near_tie_threshold),
+                    "experts": seen[gate + "topk_idx"],
+                    "weights": seen[gate + "topk_weights"].float(),
+                    "entropy": entropy(probs).float(),
+                    "margin": m.margin,
+                    "kth_expert": m.kth_expert,
+                    "next_expert": m.next_expert,
+                    "near_tie": m.near_tie(self.settings.near_tie_threshold),
                 }
                 per_token = {k: v.cpu().numpy() for k, v in per_token.items()}
                 for b, i in enumerate(batch):
                     n = len(ids[i])
-                    parts.append({
-                        "doc_index": np.full(n, docs[i].index, np.int64), "doc_id": np.full(n, docs[i].doc_id, object),
-                        "position": np.arange(n, dtype=np.int32), "token_id": np.asarray(ids[i], np.int32),
-                        "layer": np.full(n, layer, np.int16), **{k: v[b, :n] for k, v in per_token.items()},
-                    })
+                    parts.append(
+                        {
+                            "doc_index": np.full(n, docs[i].index, np.int64),
+                            "doc_id": np.full(n, docs[i].doc_id, object),
+                            "position": np.arange(n, dtype=np.int32),
+                            "token_id": np.asarray(ids[i], np.int32),
+                            "layer": np.full(n, layer, np.int16),
+                            **{k: v[b, :n] for k, v in per_token.items()},
+                        }
+                    )
             if self.on_tokens:
                 self.on_tokens(sum(len(ids[i]) for i in batch))
         if not parts:

@@ -54,7 +54,9 @@ class RoutingStats:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.token_experts is None:
-            self.token_experts = _token_experts_frame(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
+            self.token_experts = _token_experts_frame(
+                np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
+            )
 
     @property
     def mean_entropy(self) -> torch.Tensor:
@@ -62,7 +64,9 @@ class RoutingStats:
         return self.entropy_sum / max(self.tokens, 1)
 
     @classmethod
-    def from_rows(cls, layers: list[int], n_experts: int, top_k: int, rows: Mapping[str, np.ndarray], documents: int) -> RoutingStats:
+    def from_rows(
+        cls, layers: list[int], n_experts: int, top_k: int, rows: Mapping[str, np.ndarray], documents: int
+    ) -> RoutingStats:
         """Statistics of per-token routing rows: the arrays :func:`dsv2viz.corpus.shard.row_arrays` gives
         (``experts`` and ``weights`` as (N, K) arrays; ``layer``, ``token_id``, ``entropy``, ``near_tie`` as (N,))."""
         stats = cls(list(layers), n_experts, top_k, documents=documents)
@@ -84,10 +88,14 @@ class RoutingStats:
         entropy = np.asarray(rows["entropy"], np.float64)
         stats.entropy_sum = torch.from_numpy(np.bincount(layer_row, weights=entropy, minlength=M))
         bins = np.clip((entropy / math.log(E) * ENTROPY_BINS).astype(np.int64), 0, ENTROPY_BINS - 1)
-        stats.entropy_hist = torch.from_numpy(np.bincount(layer_row * ENTROPY_BINS + bins, minlength=M * ENTROPY_BINS).reshape(M, ENTROPY_BINS))
+        stats.entropy_hist = torch.from_numpy(
+            np.bincount(layer_row * ENTROPY_BINS + bins, minlength=M * ENTROPY_BINS).reshape(M, ENTROPY_BINS)
+        )
         stats.near_ties = torch.from_numpy(np.bincount(layer_row[np.asarray(rows["near_tie"], bool)], minlength=M))
         token = np.asarray(rows["token_id"], np.int64)
-        stats.token_experts = _count_triples(np.repeat(layer, K), np.repeat(token, K), experts.ravel(), np.ones(len(layer) * K, np.int64))
+        stats.token_experts = _count_triples(
+            np.repeat(layer, K), np.repeat(token, K), experts.ravel(), np.ones(len(layer) * K, np.int64)
+        )
         return stats
 
     def merge(self, other: RoutingStats) -> RoutingStats:
@@ -96,8 +104,14 @@ class RoutingStats:
             raise ValueError("these statistics come from models with different MoE layers or experts")
         te = pd.concat([self.token_experts, other.token_experts], ignore_index=True)
         merged = RoutingStats(
-            self.layers, self.n_experts, self.top_k, self.tokens + other.tokens, self.documents + other.documents,
-            token_experts=_count_triples(*(te[c].to_numpy().astype(np.int64) for c in ("layer", "token_id", "expert", "count"))),
+            self.layers,
+            self.n_experts,
+            self.top_k,
+            self.tokens + other.tokens,
+            self.documents + other.documents,
+            token_experts=_count_triples(
+                *(te[c].to_numpy().astype(np.int64) for c in ("layer", "token_id", "expert", "count"))
+            ),
         )
         for name in _TENSORS:
             setattr(merged, name, getattr(self, name) + getattr(other, name))
@@ -107,13 +121,27 @@ class RoutingStats:
         if not isinstance(other, RoutingStats):
             return NotImplemented
         same = (self.layers, self.n_experts, self.top_k, self.tokens, self.documents) == (
-            other.layers, other.n_experts, other.top_k, other.tokens, other.documents)
-        return same and all(torch.equal(getattr(self, n), getattr(other, n)) for n in _TENSORS) and self.token_experts.equals(other.token_experts)
+            other.layers,
+            other.n_experts,
+            other.top_k,
+            other.tokens,
+            other.documents,
+        )
+        return (
+            same
+            and all(torch.equal(getattr(self, n), getattr(other, n)) for n in _TENSORS)
+            and self.token_experts.equals(other.token_experts)
+        )
 
     def save(self, folder: Path, stem: str) -> None:
         """Write ``{stem}.safetensors`` (tensors, sizes in its metadata) and ``{stem}.token_experts.parquet``."""
-        meta = {"layers": ",".join(map(str, self.layers)), "n_experts": str(self.n_experts), "top_k": str(self.top_k),
-                "tokens": str(self.tokens), "documents": str(self.documents)}
+        meta = {
+            "layers": ",".join(map(str, self.layers)),
+            "n_experts": str(self.n_experts),
+            "top_k": str(self.top_k),
+            "tokens": str(self.tokens),
+            "documents": str(self.documents),
+        }
         save_file({n: getattr(self, n).contiguous() for n in _TENSORS}, folder / f"{stem}.safetensors", metadata=meta)
         self.token_experts.to_parquet(folder / f"{stem}.token_experts.parquet", index=False)
 
@@ -126,16 +154,25 @@ class RoutingStats:
             meta = f.metadata()
         tensors = load_file(path)
         return cls(
-            [int(x) for x in meta["layers"].split(",") if x], int(meta["n_experts"]), int(meta["top_k"]),
-            int(meta["tokens"]), int(meta["documents"]),
+            [int(x) for x in meta["layers"].split(",") if x],
+            int(meta["n_experts"]),
+            int(meta["top_k"]),
+            int(meta["tokens"]),
+            int(meta["documents"]),
             token_experts=pd.read_parquet(folder / f"{stem}.token_experts.parquet"),
             **tensors,
         )
 
 
 def _token_experts_frame(layer: np.ndarray, token: np.ndarray, expert: np.ndarray, count: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"layer": layer.astype(np.int16), "token_id": token.astype(np.int32),
-                         "expert": expert.astype(np.int16), "count": count.astype(np.int64)})
+    return pd.DataFrame(
+        {
+            "layer": layer.astype(np.int16),
+            "token_id": token.astype(np.int32),
+            "expert": expert.astype(np.int16),
+            "count": count.astype(np.int64),
+        }
+    )
 
 
 def _count_triples(layer: np.ndarray, token: np.ndarray, expert: np.ndarray, count: np.ndarray) -> pd.DataFrame:

@@ -45,7 +45,10 @@ class Recorder:
         for layer in self.model.config.moe_layers:
             gate = f"model.layers.{layer}.mlp.gate."
             if rec.routing:
-                out += [(gate + "hook_topk_idx", keep(f"topk_idx.{layer}")), (gate + "hook_topk_weights", keep(f"topk_weights.{layer}"))]
+                out += [
+                    (gate + "hook_topk_idx", keep(f"topk_idx.{layer}")),
+                    (gate + "hook_topk_weights", keep(f"topk_weights.{layer}")),
+                ]
             if rec.router_probs:
                 out.append((gate + "hook_probs", keep(f"router_probs.{layer}")))
             if rec.moe_norms:

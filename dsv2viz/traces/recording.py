@@ -65,7 +65,9 @@ class Recording:
         heads = range(config.num_attention_heads) if self.attention_heads is None else self.attention_heads
         return _checked(heads, config.num_attention_heads, "attention_heads")
 
-    def estimate(self, config: DeepseekV2Config, prompt_len: int, new_tokens: int, value_bytes: int = 4) -> dict[str, int]:
+    def estimate(
+        self, config: DeepseekV2Config, prompt_len: int, new_tokens: int, value_bytes: int = 4
+    ) -> dict[str, int]:
         """Bytes each part of the trace will hold after `prompt_len` + `new_tokens` tokens."""
         c, S = config, prompt_len + new_tokens
         n_moe, L = len(c.moe_layers), c.num_hidden_layers

@@ -163,7 +163,9 @@ class Trace:
         if wanted is not None:
             missing = sorted(set(wanted) - set(recorded.tolist()))
             if missing:
-                raise TraceError(f"query positions {missing} of layer {layer} were not recorded (rows at {recorded.tolist()})")
+                raise TraceError(
+                    f"query positions {missing} of layer {layer} were not recorded (rows at {recorded.tolist()})"
+                )
             rows = torch.tensor([int((recorded == q).nonzero()[0]) for q in wanted])
         query_pos = recorded[rows]
         nope = rope = None

@@ -1,7 +1,7 @@
 """Jupyter widgets over traces: put one last in a notebook cell to show it.
 
-    from dsv2viz.widgets import AttentionExplorer, LatentExplorer, RoutingExplorer
-    RoutingExplorer(trace)
+from dsv2viz.widgets import AttentionExplorer, LatentExplorer, RoutingExplorer
+RoutingExplorer(trace)
 """
 
 from .attention_explorer import AttentionExplorer

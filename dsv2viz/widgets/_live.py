@@ -66,7 +66,7 @@ class Streamer:
                 if time.perf_counter() - last >= self.interval:
                     self._call(buffer, final=False)
                     buffer, last = [], time.perf_counter()
-        except Exception as e:  # noqa: BLE001 - shown in the status line; the generation has removed its hooks
+        except Exception as e:
             self.error = e
         self._call(buffer, final=True)
         self.wall_seconds = time.perf_counter() - start
@@ -75,7 +75,7 @@ class Streamer:
         t0 = time.perf_counter()
         try:
             self._flush(steps, self.generation, final)
-        except Exception as e:  # noqa: BLE001 - a failed update must not kill the worker
+        except Exception as e:
             self.error = self.error or e
         self.flush_seconds += time.perf_counter() - t0
         self.flushes += 1

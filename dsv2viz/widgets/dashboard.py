@@ -51,11 +51,15 @@ class GenerationDashboard(w.VBox):
 
         self.prompt = w.Textarea(value=prompt, description="prompt", layout=w.Layout(width="98%", height="70px"))
         fit = {"style": {"description_width": "initial"}, "layout": w.Layout(width="170px")}  # labels never cut
-        self.max_new_tokens = w.BoundedIntText(value=64, min=1, max=c.max_position_embeddings, description="new tokens", **fit)
+        self.max_new_tokens = w.BoundedIntText(
+            value=64, min=1, max=c.max_position_embeddings, description="new tokens", **fit
+        )
         self.temperature = w.BoundedFloatText(value=0.0, min=0.0, max=5.0, step=0.1, description="temperature", **fit)
         self.top_p = w.BoundedFloatText(value=1.0, min=0.01, max=1.0, step=0.05, description="top-p", **fit)
         self.seed = w.IntText(value=0, description="seed", **fit)
-        self.stop_at_eos = w.Checkbox(value=True, description="stop at EOS", indent=False, layout=w.Layout(width="130px"))
+        self.stop_at_eos = w.Checkbox(
+            value=True, description="stop at EOS", indent=False, layout=w.Layout(width="130px")
+        )
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
         self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         self.status = w.HTML("ready")
@@ -133,6 +137,7 @@ class GenerationDashboard(w.VBox):
             [self.max_new_tokens, self.temperature, self.top_p, self.seed, self.stop_at_eos],
             layout=w.Layout(flex_flow="row wrap", grid_gap="8px"),
         )
+
         def row(*children: w.Widget) -> w.HBox:  # side by side when the cell is wide enough, else stacked
             return w.HBox(list(children), layout=w.Layout(flex_flow="row wrap"))
 
@@ -234,7 +239,7 @@ class GenerationDashboard(w.VBox):
         """Run a widget callback, showing its error in the status line instead of losing it in the kernel log."""
         try:
             fn(**kwargs)
-        except Exception as e:  # noqa: BLE001 - a callback has no caller to raise to
+        except Exception as e:
             self.status.value = f"<b>error</b>: {token_label(str(e))}"
 
     def _reset(self) -> None:
@@ -248,7 +253,7 @@ class GenerationDashboard(w.VBox):
     def _flush(self, steps: list[Step], generation: Generation, final: bool) -> None:
         trace = generation.trace
         start, S = len(self._spans), len(trace)
-        if S > start:
+        if start < S:
             experts = trace.require("topk_idx", "routing=True")[:, start:]  # (M, new, K)
             self._top1 = torch.cat([self._top1, experts[:, :, 0]], dim=1)
             for row in range(len(self.counts)):
