@@ -1,0 +1,90 @@
+"""Reading and writing files safely: bounded JSON, and writes that land whole or not at all.
+
+Everything dsv2viz reads from disk is JSON or safetensors. :func:`read_json` checks a file's size
+before reading it and turns every way a JSON file can be broken (not UTF-8, not JSON, nested deeper
+than the parser's recursion allows) into one error naming the file, never a traceback.
+
+Everything dsv2viz writes goes through :func:`atomic_path` or :func:`atomic_write`: the bytes are
+written under a temporary name in the destination's folder, flushed to disk, then renamed over the
+destination in one step (``os.replace``). A reader, or a process killed mid-write, sees either the old
+file or the new one, never half of it; the temporary file of a killed writer is left under a name that
+starts with ``.`` and ends with ``.tmp``, which readers ignore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+#: Largest JSON file read by default: far above any config, trace header or tokenizer (4.4 MB for V2-Lite).
+MAX_JSON_BYTES = 64 * 2**20
+
+TMP_SUFFIX = ".tmp"
+
+
+def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES, error: type[Exception] = ValueError) -> Any:
+    """The parsed content of a JSON file, or `error` with one line naming the file and what is wrong.
+
+    The size is checked before anything is read, so a huge file costs nothing; a missing file raises
+    FileNotFoundError for the caller to phrase.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"{path}: {size:,} bytes, over the {max_bytes:,} a JSON file may have here; is it the right file?")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to read") from None
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh hidden name beside `path` (same folder, so the final rename never crosses file systems)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write `path`'s new content to; on success it replaces `path` in one step.
+
+    If the block raises, the temporary file is removed and `path` is untouched. The parent folder must
+    exist.
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # the writer may not have flushed to disk: a rename must not outrun the data
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _fsync_folder(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` (str is written as UTF-8) to `path` whole or not at all; returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
