@@ -1,7 +1,7 @@
 """dsv2viz: look inside DeepSeek-V2-Lite: its latent attention, its experts and their router.
 
 model = dsv2viz.load("/path/to/DeepSeek-V2-Lite")
-logits, acts = model.run_with_cache(ids, names="*.mlp.gate.hook_topk_idx")
+logits, acts = model.run_with_cache(ids, names_filter="*.mlp.gate.hook_topk_idx")
 trace = model.generate("def fibonacci(n):", 40).run()
 dsv2viz.report(trace, "trace.html")
 """
@@ -10,10 +10,9 @@ from .checkpoint import CheckpointError
 from .config import DEEPSEEK_V2_LITE, ConfigError, DeepseekV2Config
 from .generation import Generation, Sampling, Step
 from .hooks import ActivationCache, HookError, HookPoint
-from .html_report import report
 from .kv_cache import LatentKVCache
 from .loading import load
-from .model import DeepseekV2ForCausalLM
+from .model import DeepseekV2ForCausalLM, NonFiniteError
 from .tokenizer import Tokenizer, TokenizerError
 from .traces import Recording, Trace, TraceBudgetError, TraceError
 
@@ -28,6 +27,7 @@ __all__ = [
     "HookError",
     "HookPoint",
     "LatentKVCache",
+    "NonFiniteError",
     "Recording",
     "Sampling",
     "Step",
@@ -39,3 +39,12 @@ __all__ = [
     "load",
     "report",
 ]
+
+
+def __getattr__(name: str):
+    """`dsv2viz.report` imports plotly and the analyses on first use, so `import dsv2viz` stays light."""
+    if name == "report":
+        from .html_report import report
+
+        return report
+    raise AttributeError(f"module 'dsv2viz' has no attribute {name!r}")

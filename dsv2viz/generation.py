@@ -3,12 +3,17 @@
 ``model.generate(prompt, ...)`` returns a :class:`Generation`. Iterating it yields one :class:`Step` per
 new token as soon as the model has processed it (so the step carries that token's own routing, latent
 and attention), which is what a live dashboard shows. ``stop()`` (thread-safe) ends it between two
-steps; ``run()`` drives it to the end and returns the :class:`Trace`. Hooks (the recorder's and the
-interventions') are attached for the generation only and removed when it ends, however it ends.
+steps; ``run()`` drives it to the end and returns the :class:`Trace`.
+
+A generation's hooks (its recorder's and its interventions') act on its own forward passes only: they are
+resolved, all or nothing, when the generation is created, and put in scope (:func:`dsv2viz.hooks.scope`)
+around each of its forward passes. Between two steps, paused, abandoned or while another thread or
+dashboard runs the same model, they touch nothing else; there is nothing to remove when it ends.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -16,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from .hooks import NameFilter
+from .hooks import NameFilter, scope
 from .traces.recorder import Recorder
 from .traces.recording import Recording
 from .traces.trace import Trace
@@ -44,14 +49,18 @@ class Sampling:
     stop_tokens: tuple[int, ...] | None = None  # default: the tokenizer's EOS
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        _check_int("max_new_tokens", self.max_new_tokens, 0)
+        _check_number("temperature", self.temperature, "must be >= 0 (0 is greedy)", lambda t: t >= 0)
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k, 1)
+        if self.top_p is not None:
+            _check_number("top_p", self.top_p, "must be in (0, 1]", lambda p: 0 < p <= 1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.stop_tokens is not None:
+            object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
+            for token in self.stop_tokens:
+                _check_int("each of stop_tokens", token, 0)
 
     def choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
         """Pick the next token from fp32 logits (V,)."""
@@ -67,6 +76,18 @@ class Sampling:
             drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(0, order, before >= self.top_p)
             logits = logits.masked_fill(drop, float("-inf"))
         return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be an integer")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={value} must be >= {low}" + (f" and <= {high}" if high is not None else ""))
+
+
+def _check_number(name: str, value: object, rule: str, ok: Callable[[float], bool]) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name}={value!r} {rule}")
 
 
 @dataclass
@@ -108,12 +129,15 @@ class Generation:
         value_bytes = torch.finfo(model.dtype).bits // 8
         recording.check_budget(model.config, P, N, value_bytes)  # before any work
         self.recorder = Recorder(model, recording)
+        # every name resolved now, before any work: a bad name in the list attaches nothing
+        self._hooks = model.resolve_hooks([*self.interventions, *self.recorder.hooks()])
         self.token_ids: list[int] = list(self.prompt_ids)
         self.texts: list[str] = token_texts(model, self.prompt_ids)
         self.top: list[tuple[torch.Tensor, torch.Tensor]] = []  # per new token: (top ids, top probs)
         self.logprobs: list[torch.Tensor] = []
         self.finish_reason: str | None = None  # "length", "stop_token" or "stopped" once ended
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # a trace snapshot taken from another thread sees whole steps only
         self._started = False
 
     def stop(self) -> None:
@@ -133,12 +157,10 @@ class Generation:
         return self._steps()
 
     def _steps(self) -> Iterator[Step]:
-        model, s, rec = self.model, self.sampling, self.recorder
+        model, s = self.model, self.sampling
         stop_tokens = set(s.stop_tokens if s.stop_tokens is not None else self._default_stop())
         gen = torch.Generator(device="cpu").manual_seed(s.seed) if s.seed is not None else None
         cache = model.new_cache(1, capacity=len(self.prompt_ids) + s.max_new_tokens)
-        remove = [model.add_hook(f, fn) for f, fn in self.interventions]
-        remove += [model.add_hook(f, fn) for f, fn in rec.hooks()]
         try:
             logits = self._prefill(cache)
             for index in range(s.max_new_tokens):
@@ -147,11 +169,12 @@ class Generation:
                     return
                 probs = logits.softmax(-1)
                 token = s.choose(logits, gen)
-                self._keep_distribution(probs)
-                self.token_ids.append(token)
-                self.texts += token_texts(model, [token])
-                with torch.no_grad():
-                    logits = model(torch.tensor([[token]], device=model.device), cache, last_only=True)[0, -1].float()
+                logits = self._forward(torch.tensor([[token]], device=model.device), cache)
+                with self._lock:  # the token, its distribution and its records become visible together
+                    self.token_ids.append(token)
+                    self.texts += token_texts(model, [token])
+                    self._keep_distribution(probs)
+                    self.recorder.commit()
                 yield Step(
                     index, len(self.token_ids) - 1, token, self.texts[-1], float(probs[token]), self._last_record()
                 )
@@ -160,10 +183,20 @@ class Generation:
                     return
             self.finish_reason = "length"
         finally:
-            for r in remove:
-                r()
             if self.finish_reason is None:  # closed from outside, or an error
                 self.finish_reason = "stopped"
+
+    def _forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """Next-token logits (V,) fp32 after reading `ids` (1, T), with this generation's hooks in scope.
+
+        What the recorder saw stays pending until the caller commits it, and is dropped if the pass raises.
+        """
+        try:
+            with torch.no_grad(), scope(self._hooks):
+                return self.model(ids, cache, last_only=True)[0, -1].float()
+        except BaseException:
+            self.recorder.discard()
+            raise
 
     def _default_stop(self) -> list[int]:
         tok = self.model.tokenizer
@@ -179,9 +212,10 @@ class Generation:
             chunk = max(1, min(P, SCORE_ELEMENTS_PER_CHUNK // (H * P)))
         for start in range(0, P, chunk):
             self.recorder.want_rows = start + chunk >= P
-            with torch.no_grad():
-                logits = self.model(ids[:, start : start + chunk], cache, last_only=True)
-        return logits[0, -1].float()
+            logits = self._forward(ids[:, start : start + chunk], cache)
+        with self._lock:
+            self.recorder.commit()
+        return logits
 
     def _keep_distribution(self, probs: torch.Tensor) -> None:
         k = self.recording.top_logits
@@ -215,7 +249,11 @@ class Generation:
 
     @property
     def trace(self) -> Trace:
-        """What has been recorded so far (a snapshot; safe to call between steps)."""
+        """What has been recorded so far: a snapshot of whole steps, safe to take from any thread at any time."""
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> Trace:
         tensors = self.recorder.tensors()
         tensors["token_ids"] = torch.tensor(self.token_ids)
         if self.top:

@@ -3,24 +3,65 @@
 Each function here returns a list of (hook name, function) pairs. Use them in one forward pass
 (``model.run_with_hooks(ids, fwd_hooks=...)``), for a block (``with model.hooks(...)``) or for one
 generation (``model.generate(..., interventions=...)``); they compose by concatenating the lists, and
-are removed when the pass, block or generation ends. Layers are model layer indices.
+act only on the runs they were given to. Layers are model layer indices.
+
+Every index is checked against the model when the hooks are attached (each function carries a
+``validate(model)``): a layer that is not an MoE layer, an expert, head or latent dimension past the
+model's count, or a negative index (which would silently count from the end) is refused with one line
+before any forward pass.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
-from .hooks import HookPoint
+from .hooks import HookPoint, current_positions
+
+if TYPE_CHECKING:
+    from .model import DeepseekV2ForCausalLM
 
 Hooks = list[tuple[str, Callable]]
 ExpertSpec = Mapping[int, Iterable[int]]  # layer -> experts
 
 
-def _described(fn: Callable, description: str) -> Callable:
+def _indices(values: Iterable[int], what: str, *, ordered: bool = False) -> list[int]:
+    """Distinct non-negative integers, sorted (or in the given order); negative ones are refused (no
+    wrap-around from the end)."""
+    out = []
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{what} must be integers; got {v!r}")
+        if v < 0:
+            raise ValueError(f"{what} {v} is negative; indices count from 0 (no counting from the end)")
+        out.append(v)
+    return list(dict.fromkeys(out)) if ordered else sorted(set(out))
+
+
+def _layer(layer: object) -> int:
+    return _indices([layer], "layer")[0]
+
+
+def _hook(fn: Callable, description: str, validate: Callable[[DeepseekV2ForCausalLM], None]) -> Callable:
     fn.description = description  # shown in a trace's metadata
+    fn.validate = validate  # called when attached: indices checked before any forward pass
     return fn
+
+
+def _check_below(indices: list[int], limit: int, what: str, where: str) -> None:
+    bad = [i for i in indices if i >= limit]
+    if bad:
+        raise ValueError(f"{what} {bad} out of range: {where} has {limit} (0..{limit - 1})")
+
+
+def _check_moe_layer(model: DeepseekV2ForCausalLM, layer: int, experts: list[int]) -> None:
+    c = model.config
+    if layer not in c.moe_layers:
+        raise ValueError(f"layer {layer} is not an MoE layer; the MoE layers are {c.moe_layers}")
+    _check_below(experts, c.n_routed_experts, "experts", f"layer {layer}")
 
 
 def ablate_experts(experts: ExpertSpec) -> Hooks:
@@ -28,79 +69,142 @@ def ablate_experts(experts: ExpertSpec) -> Hooks:
 
     Their router probabilities are set to zero before the top-k choice, so the remaining experts keep the
     weights the router gave them (nothing is renormalized that the model would not renormalize itself).
+    At least K experts must remain in each layer.
     """
     hooks: Hooks = []
-    for layer, banned in experts.items():
-        banned = sorted(set(banned))
+    for layer, chosen in experts.items():
+        layer, banned = _layer(layer), _indices(chosen, "experts")
+
+        def validate(model: DeepseekV2ForCausalLM, layer: int = layer, banned: list[int] = banned) -> None:
+            _check_moe_layer(model, layer, banned)
+            c = model.config
+            if c.n_routed_experts - len(banned) < c.num_experts_per_tok:
+                raise ValueError(
+                    f"cannot ablate {len(banned)} of {c.n_routed_experts} experts at layer {layer}: "
+                    f"each token needs {c.num_experts_per_tok}"
+                )
 
         def zero(probs: torch.Tensor, hook: HookPoint, banned: list[int] = banned) -> torch.Tensor:
             probs = probs.clone()
             probs[..., banned] = 0.0
             return probs
 
-        hooks.append((f"model.layers.{layer}.mlp.gate.hook_probs", _described(zero, f"ablate experts {banned}")))
+        hooks.append((f"model.layers.{layer}.mlp.gate.hook_probs", _hook(zero, f"ablate experts {banned}", validate)))
     return hooks
 
 
 def force_experts(experts: ExpertSpec) -> Hooks:
     """Route every token to these experts (they take the first slots; the best others fill the rest).
 
-    Weights are the router's own probabilities for whichever experts end up chosen.
+    Weights are the router's own probabilities for whichever experts end up chosen. At most K experts
+    can be forced per layer.
     """
     hooks: Hooks = []
-    for layer, forced in experts.items():
-        forced = list(dict.fromkeys(forced))
+    for layer, chosen in experts.items():
+        layer = _layer(layer)
+        forced = _indices(chosen, "experts", ordered=True)  # the first forced expert takes the first slot
+
+        def validate(model: DeepseekV2ForCausalLM, layer: int = layer, forced: list[int] = forced) -> None:
+            _check_moe_layer(model, layer, forced)
+            k = model.config.num_experts_per_tok
+            if len(forced) > k:
+                raise ValueError(f"cannot force {len(forced)} experts at layer {layer} into top-{k} routing")
 
         def force(idx: torch.Tensor, hook: HookPoint, forced: list[int] = forced) -> torch.Tensor:  # (B, T, K)
             k, f = idx.shape[-1], len(forced)
-            if f > k:
-                raise ValueError(f"cannot force {f} experts into top-{k} routing")
             forced_t = torch.tensor(forced, device=idx.device, dtype=idx.dtype)
             # the token's own choices minus the forced ones, still best first, fill the remaining slots
             own_first = torch.argsort(torch.isin(idx, forced_t).to(torch.int8), dim=-1, stable=True)
             rest = idx.gather(-1, own_first)[..., : k - f]
             return torch.cat([forced_t.expand(*idx.shape[:-1], f), rest], dim=-1)
 
-        hooks.append((f"model.layers.{layer}.mlp.gate.hook_topk_idx", _described(force, f"force experts {forced}")))
+        hooks.append(
+            (f"model.layers.{layer}.mlp.gate.hook_topk_idx", _hook(force, f"force experts {forced}", validate))
+        )
     return hooks
 
 
 def ablate_heads(heads: Mapping[int, Iterable[int]]) -> Hooks:
     """Zero the output of attention heads (their z, before o_proj), layer -> heads."""
     hooks: Hooks = []
-    for layer, hs in heads.items():
-        hs = sorted(set(hs))
+    for layer, chosen in heads.items():
+        layer, hs = _layer(layer), _indices(chosen, "heads")
+
+        def validate(model: DeepseekV2ForCausalLM, layer: int = layer, hs: list[int] = hs) -> None:
+            _check_below([layer], model.config.num_hidden_layers, "layer", "the model")
+            _check_below(hs, model.config.num_attention_heads, "heads", f"layer {layer}")
 
         def zero(z: torch.Tensor, hook: HookPoint, hs: list[int] = hs) -> torch.Tensor:  # (B, T, H, dv)
             z = z.clone()
             z[:, :, hs] = 0.0
             return z
 
-        hooks.append((f"model.layers.{layer}.self_attn.hook_z", _described(zero, f"ablate heads {hs}")))
+        hooks.append((f"model.layers.{layer}.self_attn.hook_z", _hook(zero, f"ablate heads {hs}", validate)))
     return hooks
 
 
-def patch_latent(layer: int, dims: Iterable[int] | None = None, value: torch.Tensor | float = 0.0) -> Hooks:
-    """Overwrite latent dimensions of c_kv at one layer (all dims when `dims` is None) with `value`.
+def patch_latent(
+    layer: int,
+    dims: Iterable[int] | None = None,
+    value: torch.Tensor | float = 0.0,
+    *,
+    positions: Iterable[int] | None = None,
+) -> Hooks:
+    """Overwrite latent dimensions of c_kv at one layer with `value`, at some positions or all of them.
 
-    The patched latent is what the cache keeps, so later tokens attend to it too. `value` is a number or
-    a tensor broadcastable to the patched slice, e.g. a latent taken from another trace.
+    `dims` are latent dimensions (all when None); `positions` are absolute positions in the sequence
+    (all when None), e.g. ``positions=[7]`` patches only what the cache holds for token 7. The patched
+    latent is what the cache keeps, so later tokens attend to it too. `value` is a finite number or a
+    tensor broadcastable to the patched slice (positions, dims), e.g. a latent taken from another trace.
     """
-    sel = slice(None) if dims is None else sorted(set(dims))
+    layer = _layer(layer)
+    sel = slice(None) if dims is None else _indices(dims, "dims")
+    where = None if positions is None else _indices(positions, "positions")
+    value = torch.as_tensor(value)
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError("patch_latent: value must be finite")
+
+    def validate(model: DeepseekV2ForCausalLM) -> None:
+        c = model.config
+        _check_below([layer], c.num_hidden_layers, "layer", "the model")
+        if dims is not None:
+            _check_below(sel, c.kv_lora_rank, "dims", "the latent c_kv")
+        if where is not None:
+            _check_below(where, c.max_position_embeddings, "positions", "the context")
 
     def patch(c_kv: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # (B, T, R)
+        rows: slice | list[int] = slice(None)
+        if where is not None:
+            now = current_positions()
+            rows = [p - now.start for p in where if p in now]
+            if not rows:
+                return c_kv
         c_kv = c_kv.clone()
-        c_kv[..., sel] = torch.as_tensor(value, dtype=c_kv.dtype, device=c_kv.device)
+        patched = c_kv[:, rows]  # (B, T', R)
+        patched[..., sel] = value.to(dtype=c_kv.dtype, device=c_kv.device)
+        c_kv[:, rows] = patched
         return c_kv
 
-    what = "all dims" if dims is None else f"dims {sel}"
-    return [(f"model.layers.{layer}.self_attn.hook_c_kv", _described(patch, f"patch latent {what}"))]
+    what = ("all dims" if dims is None else f"dims {sel}") + ("" if where is None else f" at positions {where}")
+    return [(f"model.layers.{layer}.self_attn.hook_c_kv", _hook(patch, f"patch latent {what}", validate))]
 
 
 def steer(layer: int, vector: torch.Tensor, scale: float = 1.0) -> Hooks:
     """Add `scale * vector` (D,) to the residual stream after `layer`, at every position."""
+    layer = _layer(layer)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"steer: scale={scale!r} must be a finite number")
+    if not isinstance(vector, torch.Tensor) or vector.dim() != 1 or not bool(torch.isfinite(vector).all()):
+        raise ValueError("steer: vector must be a finite 1-dimensional tensor of the model's hidden size")
+
+    def validate(model: DeepseekV2ForCausalLM) -> None:
+        _check_below([layer], model.config.num_hidden_layers, "layer", "the model")
+        if vector.shape[0] != model.config.hidden_size:
+            raise ValueError(
+                f"steer: vector has {vector.shape[0]} values; the residual stream has {model.config.hidden_size}"
+            )
 
     def add(resid: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # (B, T, D)
         return resid + scale * vector.to(device=resid.device, dtype=resid.dtype)
 
-    return [(f"model.layers.{layer}.hook_resid_post", _described(add, f"steer by {scale:g} x vector"))]
+    return [(f"model.layers.{layer}.hook_resid_post", _hook(add, f"steer by {scale:g} x vector", validate))]

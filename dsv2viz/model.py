@@ -23,18 +23,20 @@ whenever a hook asks for them.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import DeepseekV2Config
-from .generation import Generation, Intervention, Prompt, Sampling
-from .hooks import HookedModule, HookPoint
+from .hooks import HookedModule, HookPoint, reading_positions
 from .kv_cache import LatentKVCache
-from .tokenizer import Tokenizer
-from .traces import Recording
+
+if TYPE_CHECKING:  # the model runs without them; generation builds on the model, not the other way round
+    from .generation import Generation, Intervention, Prompt
+    from .tokenizer import Tokenizer
+    from .traces import Recording
 
 AttentionImpl = Literal["auto", "naive", "absorb"]
 
@@ -344,16 +346,75 @@ class Block(nn.Module):
         return self.hook_resid_post(x + self.mlp(self.post_attention_layernorm(x)))
 
 
+class NonFiniteError(FloatingPointError):
+    """The logits hold NaN or infinity; the message names the first layer whose output was not finite."""
+
+
 class DeepseekV2Model(nn.Module):
-    """Embedding, decoder layers and final norm: the checkpoint's ``model.*`` keys."""
+    """Embedding, decoder layers and final norm: the checkpoint's ``model.*`` keys.
+
+    ``forward(input_ids, cache)`` returns the final norm's output (B, T, D), the input of lm_head.
+    """
 
     def __init__(self, config: DeepseekV2Config) -> None:
         super().__init__()
+        self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rope = RotaryEmbedding(config)
         self.hook_embed = HookPoint("(B, T, D)")
         self.hook_norm_out = HookPoint("(B, T, D) final-norm output, the input of lm_head")
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: LatentKVCache | None = None, *, last_only: bool = False
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, D) for `input_ids` (B, T), continuing the tokens in `cache` if given.
+
+        The cache's length sets the positions of the new tokens, their rope angles and the causal mask;
+        the cache only commits the new tokens once every layer has run and the output is finite, so a
+        forward pass that raises leaves it as it was. `last_only` keeps the last position only (B, 1, D).
+        """
+        T = input_ids.shape[1]
+        past = 0
+        if cache is not None:
+            cache.check_room(T)
+            past = cache.length
+        elif T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"{T} tokens exceed the context of {self.config.max_position_embeddings} positions "
+                "(max_position_embeddings); shorten the input"
+            )
+        cos, sin = self.rope.cos_sin(torch.arange(past, past + T, device=input_ids.device))
+        finite = []  # per layer, on the device: no synchronisation unless the output turns out non-finite
+        with reading_positions(past, T):
+            x = self.hook_embed(self.embed_tokens(input_ids))
+            for block in self.layers:
+                x = block(x, cos, sin, cache)
+                finite.append(torch.isfinite(x).all())
+        if last_only:
+            x = x[:, -1:]
+        with reading_positions(*_output_positions(past, T, last_only)):
+            x = self.hook_norm_out(self.norm(x))
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(_non_finite_message(torch.stack(finite).tolist()))
+        if cache is not None:
+            cache.advance(T)
+        return x
+
+
+def _output_positions(past: int, T: int, last_only: bool) -> tuple[int, int]:
+    """(start, length) of the positions the output rows stand for: all new tokens, or the last one."""
+    return (past + T - 1, 1) if last_only else (past, T)
+
+
+def _non_finite_message(finite_per_layer: list[bool]) -> str:
+    bad = finite_per_layer.index(False) if False in finite_per_layer else None
+    where = "the final norm" if bad is None else f"layer {bad} (model.layers.{bad}.hook_resid_post)"
+    return (
+        f"the model's output is not finite (NaN or infinity); the first non-finite values came out of {where}. "
+        "A hook or intervention that writes huge or NaN values, or weights that overflow in this dtype, cause this"
+    )
 
 
 class DeepseekV2ForCausalLM(HookedModule):
@@ -367,7 +428,6 @@ class DeepseekV2ForCausalLM(HookedModule):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.hook_logits = HookPoint("(B, T, V)")
-        self.rope = RotaryEmbedding(config)
         self.tokenizer: Tokenizer | None = None  # set by dsv2viz.load when the folder has one
         self.setup_hook_names()
 
@@ -425,6 +485,9 @@ class DeepseekV2ForCausalLM(HookedModule):
         ``Recording()``, routing + latents + logits summary); `interventions` are (hook name, function)
         pairs, e.g. from ``dsv2viz.interventions``, attached only while this generation runs.
         """
+        from .generation import Generation, Sampling  # generation builds on the model: imported when used
+        from .traces import Recording
+
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, stop_tokens)
         return Generation(self, prompt, sampling, record or Recording(), interventions, chat)
 
@@ -438,25 +501,10 @@ class DeepseekV2ForCausalLM(HookedModule):
         """Logits for `input_ids` (B, T), which continue the tokens in `cache` when one is given.
 
         The cache's length sets the positions of the new tokens, their rope angles and the causal mask.
-        `last_only` computes logits for the last position only (B, 1, V): what decoding needs.
+        `last_only` computes logits for the last position only (B, 1, V): what decoding needs. Raises
+        NonFiniteError, naming the first layer at fault, when the output is NaN or infinite.
         """
-        T = input_ids.shape[1]
-        past = 0
-        if cache is not None:
-            cache.check_room(T)
-            past = cache.length
-        elif self.config.max_position_embeddings < T:
-            raise ValueError(
-                f"{T} tokens exceed the context of {self.config.max_position_embeddings} positions "
-                "(max_position_embeddings); shorten the input"
-            )
-        cos, sin = self.rope.cos_sin(torch.arange(past, past + T, device=input_ids.device))
-        m = self.model
-        x = m.hook_embed(m.embed_tokens(input_ids))
-        for block in m.layers:
-            x = block(x, cos, sin, cache)
-        if cache is not None:
-            cache.advance(T)
-        if last_only:
-            x = x[:, -1:]
-        return self.hook_logits(self.lm_head(m.hook_norm_out(m.norm(x))))
+        past = 0 if cache is None else cache.length
+        hidden = self.model(input_ids, cache, last_only=last_only)
+        with reading_positions(*_output_positions(past, input_ids.shape[1], last_only)):
+            return self.hook_logits(self.lm_head(hidden))

@@ -156,7 +156,7 @@ def test_near_tie_flags_follow_the_bf16_rule(model, corpus_files, tmp_path):
     # recompute the rule from the router: margin below 2**-8 of the K-th probability
     doc = texts()[0]
     ids = torch.tensor([model.tokenizer.encode(doc)])
-    _, acts = model.run_with_cache(ids, names="*.mlp.gate.hook_probs")
+    _, acts = model.run_with_cache(ids, names_filter="*.mlp.gate.hook_probs")
     K = model.config.num_experts_per_tok
     for layer in model.config.moe_layers:
         top = acts[f"model.layers.{layer}.mlp.gate.hook_probs"][0].topk(K + 1).values

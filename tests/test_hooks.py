@@ -72,7 +72,7 @@ def test_attention_hooks_are_consistent(tiny_model, impl):
     model = tiny_model()
     model.set_attention_impl(impl)
     ids = torch.randint(0, 320, (2, 9))
-    _, a = model.run_with_cache(ids, names="model.layers.1.*")
+    _, a = model.run_with_cache(ids, names_filter="model.layers.1.*")
     p = "model.layers.1.self_attn."
     scores = a[p + "hook_scores"]
     torch.testing.assert_close(a[p + "hook_scores_nope"] + a[p + "hook_scores_rope"], scores, atol=0, rtol=0)
@@ -102,7 +102,7 @@ def test_both_paths_expose_the_same_per_head_tensors(tiny_model):
     caches = {}
     for impl in ("naive", "absorb"):
         model.set_attention_impl(impl)
-        _, caches[impl] = model.run_with_cache(ids, names=names)
+        _, caches[impl] = model.run_with_cache(ids, names_filter=names)
     assert set(caches["naive"]) == set(caches["absorb"])
     for name in caches["naive"]:
         torch.testing.assert_close(caches["naive"][name], caches["absorb"][name], atol=1e-5, rtol=0)
@@ -111,7 +111,7 @@ def test_both_paths_expose_the_same_per_head_tensors(tiny_model):
 def test_moe_hooks_add_up(tiny_model):
     model = tiny_model()
     ids = torch.randint(0, 320, (2, 7))
-    _, a = model.run_with_cache(ids, names="model.layers.2.mlp.*")
+    _, a = model.run_with_cache(ids, names_filter="model.layers.2.mlp.*")
     p = "model.layers.2.mlp."
     probs, idx, w = a[p + "gate.hook_probs"], a[p + "gate.hook_topk_idx"], a[p + "gate.hook_topk_weights"]
     torch.testing.assert_close(probs, a[p + "gate.hook_logits"].softmax(-1))
@@ -138,7 +138,7 @@ def test_replacing_topk_forces_routing(tiny_model):
         return torch.tensor([5, 0, 7]).expand_as(idx)
 
     with model.hooks([("model.layers.1.mlp.gate.hook_topk_idx", force)]):
-        _, a = model.run_with_cache(ids, names="model.layers.1.mlp.*")
+        _, a = model.run_with_cache(ids, names_filter="model.layers.1.mlp.*")
     fired = {int(n.split(".")[5]) for n in a if ".experts." in n}
     assert fired == {0, 5, 7}
     assert all(a[f"model.layers.1.mlp.experts.{e}.hook_out"].shape[0] == 6 for e in fired)
@@ -193,7 +193,7 @@ def test_fused_attention_is_used_unless_the_pattern_is_asked_for(tiny_model, mon
         plain = model(ids)
         assert len(calls) == 3
         calls.clear()
-        with_pattern, _ = model.run_with_cache(ids, names="*.hook_pattern")
+        with_pattern, _ = model.run_with_cache(ids, names_filter="*.hook_pattern")
         assert calls == []
     torch.testing.assert_close(plain, with_pattern, atol=1e-5, rtol=0)
 
@@ -204,9 +204,12 @@ def test_bad_replacement_and_failing_hook_leave_the_model_clean(tiny_model):
     with torch.no_grad():
         before = model(ids)
         with pytest.raises(
-            HookError, match=r"returned \(1, 5\); a replacement must be a tensor of the input's shape \(1, 5, 64\)"
+            HookError,
+            match=r"returned shape \(1, 5\) float32 on cpu; a replacement must match the input, shape \(1, 5, 64\)",
         ):
             model.run_with_hooks(ids, fwd_hooks=[("model.layers.0.hook_resid_pre", lambda x, h: x[..., 0])])
+        with pytest.raises(HookError, match=r"returned shape \(1, 5, 3\) int64 on cpu; .* shape \(1, 5, 3\) float32"):
+            model.run_with_hooks(ids, fwd_hooks=[("model.layers.1.mlp.gate.hook_topk_weights", lambda x, h: x.long())])
         with pytest.raises(HookError, match="ZeroDivisionError"), model.hooks([("*.hook_z", lambda x, h: 1 / 0)]):
             model(ids)
         assert not any(h.active for h in model.hook_points.values())
@@ -215,7 +218,7 @@ def test_bad_replacement_and_failing_hook_leave_the_model_clean(tiny_model):
 
 def test_activation_cache_selects_by_pattern_in_forward_order(tiny_model):
     model = tiny_model()
-    _, acts = model.run_with_cache(torch.randint(0, 320, (1, 4)), names=["*.hook_resid_post", "*.hook_c_kv"])
+    _, acts = model.run_with_cache(torch.randint(0, 320, (1, 4)), names_filter=["*.hook_resid_post", "*.hook_c_kv"])
     assert len(acts) == 6
     assert list(acts.select("*.hook_resid_post")) == [f"model.layers.{i}.hook_resid_post" for i in range(3)]
     with pytest.raises(KeyError, match="was not captured; did you mean"):
@@ -227,7 +230,7 @@ def test_balance_loss_in_training_only_and_by_hand(tiny_model):
 
     model = tiny_model().train().requires_grad_(True)
     ids = torch.randint(0, 320, (2, 9))
-    _, acts = model.run_with_cache(ids, names=["*.gate.hook_probs", "*.gate.hook_topk_idx"])
+    _, acts = model.run_with_cache(ids, names_filter=["*.gate.hook_probs", "*.gate.hook_topk_idx"])
     total = 0.0
     for layer in (1, 2):
         probs = acts[f"model.layers.{layer}.mlp.gate.hook_probs"]

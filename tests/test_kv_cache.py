@@ -61,7 +61,7 @@ def test_cache_stores_what_the_latent_hooks_see(tiny_model):
     model = tiny_model()
     cache = model.new_cache()
     ids = torch.randint(0, 320, (1, 12))
-    _, acts = model.run_with_cache(ids, cache, names=["*.hook_c_kv", "*.hook_k_pe"])
+    _, acts = model.run_with_cache(ids, cache, names_filter=["*.hook_c_kv", "*.hook_k_pe"])
     for layer in range(model.config.num_hidden_layers):
         assert torch.equal(cache.c_kv[layer, :, :12], acts[f"model.layers.{layer}.self_attn.hook_c_kv"])
         assert torch.equal(cache.k_pe[layer, :, :12], acts[f"model.layers.{layer}.self_attn.hook_k_pe"])

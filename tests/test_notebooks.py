@@ -180,7 +180,7 @@ for layer in range(L):
 # from the model's own scores and pattern (one full forward pass with hooks, not the trace's rebuild)
 assert len(shares) == L * H and shares.rope_share.between(0, 1).all()
 names = [f"model.layers.{layer}.self_attn.{h}" for layer in range(L) for h in ("hook_scores_nope", "hook_scores_rope", "hook_pattern")]
-_, acts = model.run_with_cache(trace.token_ids[None].to(model.device), names=names)
+_, acts = model.run_with_cache(trace.token_ids[None].to(model.device), names_filter=names)
 causal = torch.ones(len(trace), len(trace)).tril().bool()
 for _, r in shares.iterrows():
     layer, head = int(r.layer), int(r["head"])
@@ -207,7 +207,7 @@ L, H, S = c.num_hidden_layers, c.num_attention_heads, len(trace)
 assert ATT_LAYERS == list(range(L)) and len(heads) == L * H
 
 # every head's entropy and masses, from the model's own patterns (one forward pass over the trace's tokens)
-_, acts = model.run_with_cache(trace.token_ids[None].to(model.device), names="*.self_attn.hook_pattern")
+_, acts = model.run_with_cache(trace.token_ids[None].to(model.device), names_filter="*.self_attn.hook_pattern")
 for _, r in heads.iterrows():
     p = acts[f"model.layers.{int(r.layer)}.self_attn.hook_pattern"][0, int(r['head'])].double().cpu()
     rows = [-sum(x * math.log(x) for x in row.tolist() if x > 0) for row in p]

@@ -159,14 +159,14 @@ assert torch.allclose(pattern.sum(-1), torch.ones(1, H, T), atol=1e-5) and (patt
 assert tuple(latents.shape) == (L, 1, T, R) and torch.equal(latents[layer], acts[f"model.layers.{layer}.self_attn.hook_c_kv"])
 
 # reading: the recorded norms are those of the residual stream after each layer
-_, resid = model.run_with_cache(ids, names="*.hook_resid_post")
+_, resid = model.run_with_cache(ids, names_filter="*.hook_resid_post")
 assert list(resid_norms) == [f"model.layers.{i}.hook_resid_post" for i in range(L)]
 for n, v in resid_norms.items():
     assert math.isclose(float(v), float(resid[n][0].norm(dim=-1).mean()), rel_tol=1e-5)
 
 # replacing: with the rope scores zeroed, each pattern is the causal softmax of the content scores alone
 with model.hooks([("*.self_attn.hook_scores_rope", no_rope)]):
-    again, seen = model.run_with_cache(ids, names=["*.self_attn.hook_scores_nope", "*.self_attn.hook_pattern"])
+    again, seen = model.run_with_cache(ids, names_filter=["*.self_attn.hook_scores_nope", "*.self_attn.hook_pattern"])
 assert torch.equal(again, no_position) and not torch.allclose(no_position, logits)
 causal = torch.ones(T, T, dtype=torch.bool).tril()
 for i in range(L):
@@ -188,7 +188,7 @@ assert [len(t) - t.prompt_len for t in traces] == [N_NEW, N_NEW]
 assert not any(h.active for h in model.hook_points.values())
 
 # head writes: recomputed from the captured z and o_proj; summed over heads they are the attention output
-_, za = model.run_with_cache(ids, names=["*.self_attn.hook_z", "*.self_attn.hook_out"])
+_, za = model.run_with_cache(ids, names_filter=["*.self_attn.hook_z", "*.self_attn.hook_out"])
 assert head_norms[["layer", "head"]].values.tolist() == [[i, h] for i in range(L) for h in range(H)]
 for i in range(L):
     z = za[f"model.layers.{i}.self_attn.hook_z"][0]  # (T, H, dv)

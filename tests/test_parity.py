@@ -49,7 +49,7 @@ def reference_topk(hf_model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int,
 
 
 def ours_topk(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    logits, cache = model.run_with_cache(ids, names="*.mlp.gate.hook_topk_idx")
+    logits, cache = model.run_with_cache(ids, names_filter="*.mlp.gate.hook_topk_idx")
     chosen = {int(name.split(".")[2]): t.flatten(0, 1).sort(-1).values for name, t in cache.items()}
     return logits, chosen
 

@@ -45,7 +45,7 @@ def logit_lens(
     names = ["model.hook_embed"] + [f"model.layers.{layer}.hook_resid_post" for layer in range(L)]
     frames = []
     with torch.no_grad():
-        _, cache = model.run_with_cache(ids, names=names)
+        _, cache = model.run_with_cache(ids, names_filter=names)
         for layer, name in zip(range(-1, L), names):
             resid = cache[name][0, pos.to(model.device)]  # (P, D)
             best = model.lm_head(model.model.norm(resid)).float().softmax(dim=-1).topk(top, dim=-1)

@@ -1,8 +1,10 @@
 """The hooks that fill a trace while the model runs.
 
 A :class:`Recorder` attaches one small function per recorded hook point. Each keeps the tensor it sees
-(on the model's device, no synchronisation per hook) in a list of chunks, one chunk per forward pass;
-:meth:`Recorder.tensors` concatenates them into the trace's tensors, on the CPU.
+(on the model's device, no synchronisation per hook) as pending until the generation commits the forward
+pass (:meth:`Recorder.commit`), then in a list of chunks, one chunk per forward pass; a pass that raises is
+discarded, so the chunks always hold whole passes. :meth:`Recorder.tensors` concatenates them into the
+trace's tensors, on the CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class Recorder:
         config = model.config
         self.att_layers = recording.layers(config) if recording.attention != "none" or recording.queries else []
         self.heads = recording.heads(config)
-        self.chunks: Chunks = defaultdict(list)
+        self.chunks: Chunks = defaultdict(list)  # committed: whole forward passes only
+        self.pending: Chunks = defaultdict(list)  # written by the hooks during the current forward pass
         self.want_rows = True  # last_row mode: the generation turns this off for all but the last prompt chunk
 
     def hooks(self) -> list[tuple[str, Callable]]:
@@ -38,7 +41,7 @@ class Recorder:
 
         def keep(key: str, pick: Callable[[torch.Tensor], torch.Tensor] = lambda x: x[0]) -> Callable:
             def fn(x: torch.Tensor, hook) -> None:
-                self.chunks[key].append(pick(x.detach()))
+                self.pending[key].append(pick(x.detach()))
 
             return fn
 
@@ -84,10 +87,20 @@ class Recorder:
                     return
                 rows = rows[:, -1:]
             S = rows.shape[-1]
-            self.chunks[f"attention.{layer}"].append(rows)
-            self.chunks[f"attention.{layer}.query_pos"].append(torch.arange(S - rows.shape[1], S))
+            self.pending[f"attention.{layer}"].append(rows)
+            self.pending[f"attention.{layer}.query_pos"].append(torch.arange(S - rows.shape[1], S))
 
         return fn
+
+    def commit(self) -> None:
+        """Keep what the last forward pass recorded."""
+        for key, values in self.pending.items():
+            self.chunks[key] += values
+        self.pending.clear()
+
+    def discard(self) -> None:
+        """Forget what a forward pass that raised had recorded."""
+        self.pending.clear()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What has been recorded so far, as a trace's tensors on the CPU."""

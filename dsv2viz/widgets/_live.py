@@ -5,7 +5,12 @@ generation runs in a :class:`Streamer` worker thread: Stop stays clickable. Send
 per token would flood the front end (and cost more than a tiny model's forward pass), so the worker
 keeps the steps in a buffer and hands them over in batches, at most every :data:`FLUSH_INTERVAL`
 seconds and once at the end. The flush runs in the worker between two steps, where the generation's
-trace snapshot is consistent, and the time spent in it is measured for the benchmark.
+trace snapshot is consistent, and the time spent in it is measured for the benchmark. However the
+run ends (finished, stopped, or an error in the model, a hook or a flush), `done` is called last, so a
+widget always returns to ready and can show the error.
+
+The worker runs in a copy of the context that started it: hooks put in scope around the start (``with
+model.hooks(...): dash.run(...)``) act on its generation, and those of other runs never do.
 
 The token strip is HTML rather than a figure: one escaped ``<span>`` per token is far cheaper to grow
 than a plotly heatmap, and the colours are the figures' own expert palette.
@@ -13,6 +18,7 @@ than a plotly heatmap, and the colours are the figures' own expert palette.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -30,18 +36,23 @@ FLUSH_INTERVAL = 0.25
 
 #: flush(new steps, generation, final): update the widgets; called in the worker thread.
 Flush = Callable[[list[Step], Generation, bool], None]
+#: done(streamer): called last in the worker thread, whatever happened; streamer.error says what failed.
+Done = Callable[["Streamer"], None]
 
 
 class Streamer:
     """Runs a Generation in a worker thread and hands its steps to `flush` in batches."""
 
-    def __init__(self, generation: Generation, flush: Flush, interval: float = FLUSH_INTERVAL) -> None:
-        self.generation, self._flush, self.interval = generation, flush, interval
+    def __init__(
+        self, generation: Generation, flush: Flush, done: Done | None = None, interval: float = FLUSH_INTERVAL
+    ) -> None:
+        self.generation, self._flush, self._done, self.interval = generation, flush, done, interval
         self.error: BaseException | None = None  # raised by the generation or a flush, shown by the caller
         self.flushes = 0
         self.flush_seconds = 0.0  # time spent in flush (widget updates), not in the model
         self.wall_seconds = 0.0  # the whole run: model + flushes
-        self._thread = threading.Thread(target=self._work, name="dsv2viz-generation", daemon=True)
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._work,), name="dsv2viz-generation", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -66,10 +77,12 @@ class Streamer:
                 if time.perf_counter() - last >= self.interval:
                     self._call(buffer, final=False)
                     buffer, last = [], time.perf_counter()
-        except Exception as e:
+        except Exception as e:  # shown by `done`; the generation's hooks ended with its passes
             self.error = e
         self._call(buffer, final=True)
         self.wall_seconds = time.perf_counter() - start
+        if self._done is not None:
+            self._done(self)
 
     def _call(self, steps: list[Step], final: bool) -> None:
         t0 = time.perf_counter()

@@ -170,7 +170,7 @@ class GenerationDashboard(w.VBox):
         self._prompt = prompt
         generation = self._generation(prompt, [])
         self._reset()
-        return self._start(generation, self._flush, wait)
+        return self._start(generation, self._flush, "generated", wait)
 
     def regenerate(self, wait: bool = True) -> Streamer:
         """Rerun the last prompt with the intervention chosen in the widgets and compare it with the last run."""
@@ -178,7 +178,7 @@ class GenerationDashboard(w.VBox):
             raise RuntimeError("generate once first: the intervention is compared with the last run")
         layer, expert = self.iv_layer.value, self.iv_expert.value
         hooks = (ablate_experts if self.iv_mode.value == "ban" else force_experts)({layer: [expert]})
-        return self._start(self._generation(self._prompt, hooks), self._flush_intervention, wait)
+        return self._start(self._generation(self._prompt, hooks), self._flush_intervention, "intervention", wait)
 
     def stop(self) -> None:
         """End the running generation before its next token; its hooks are removed when it ends."""
@@ -217,9 +217,9 @@ class GenerationDashboard(w.VBox):
         if self.running:
             raise RuntimeError("a generation is running: stop it or wait for it to finish")
 
-    def _start(self, generation: Generation, flush: Flush, wait: bool) -> Streamer:
+    def _start(self, generation: Generation, flush: Flush, what: str, wait: bool) -> Streamer:
         self._idle()
-        self._streamer = Streamer(generation, flush)
+        self._streamer = Streamer(generation, flush, done=lambda streamer: self._finish(streamer, what))
         self.generate_button.disabled = self.iv_button.disabled = True
         self.stop_button.disabled = False
         self.status.value = "generating…"
@@ -228,11 +228,13 @@ class GenerationDashboard(w.VBox):
             self._streamer.join()
         return self._streamer
 
-    def _finish(self, streamer_error: BaseException | None, generation: Generation, what: str) -> None:
+    def _finish(self, streamer: Streamer, what: str) -> None:
+        """Back to ready, whatever happened: buttons restored, the outcome (and any error) in the status line."""
         self.generate_button.disabled = self.iv_button.disabled = False
         self.stop_button.disabled = True
+        generation = streamer.generation
         G = len(generation.token_ids) - len(generation.prompt_ids)
-        error = f" — <b>error</b>: {token_label(repr(streamer_error))}" if streamer_error else ""
+        error = f" — <b>error</b>: {token_label(_error_line(streamer.error))}" if streamer.error else ""
         self.status.value = f"{what}: {G} tokens ({generation.finish_reason}){error}"
 
     def _guarded(self, fn: Callable[..., Any], **kwargs: Any) -> None:
@@ -269,7 +271,6 @@ class GenerationDashboard(w.VBox):
         self.inspect.max = S - 1
         if final:
             self._render_inspect()
-            self._finish(self._streamer.error if self._streamer else None, generation, "generated")
         elif steps:
             self.status.value = (
                 f"generating… {len(trace) - trace.prompt_len} tokens, last {token_label(steps[-1].text)}"
@@ -279,6 +280,8 @@ class GenerationDashboard(w.VBox):
         if not final:
             self.status.value = f"regenerating with intervention… {steps[-1].index + 1 if steps else 0} tokens"
             return
+        if self._streamer is not None and self._streamer.error is not None:
+            return  # nothing to compare with; `_finish` shows the error
         base, other = self.trace, generation.trace
         self.intervention_trace, self.comparison = other, analysis.compare(base, other)
         cmp = self.comparison
@@ -290,7 +293,6 @@ class GenerationDashboard(w.VBox):
             self.compare_figure.layout.title.text = (
                 f"Intervention ({what}) against the base run; tokens diverge {diverge}"
             )
-        self._finish(self._streamer.error if self._streamer else None, generation, "intervention")
 
     # ----- rendering ----------------------------------------------------------------------------------
     def _spans_for(self, trace: Trace, positions: range) -> list[str]:
@@ -341,3 +343,9 @@ class GenerationDashboard(w.VBox):
             self.candidates.value = f"<b>next-token candidates after position {p}</b><table>{rows}</table>"
         else:
             self.candidates.value = f"no next-token distribution recorded after position {p}"
+
+
+def _error_line(error: BaseException) -> str:
+    """An error as one line for the status bar: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
