@@ -92,10 +92,10 @@ def _check_number(name: str, value: object, rule: str, ok: Callable[[float], boo
 
 @dataclass
 class Step:
-    """One generated token, after the model has processed it."""
+    """One generated token, after the model has processed it (steps and positions: see dsv2viz.traces.trace)."""
 
-    index: int  # 0 for the first new token
-    position: int  # its position in the sequence
+    index: int  # its step: g for the g-th generated token, counted from 0
+    position: int  # its position in the sequence: prompt length + index
     token_id: int
     text: str
     probability: float  # of this token under the distribution it was drawn from (temperature 1, unfiltered)

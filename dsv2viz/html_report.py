@@ -127,9 +127,9 @@ def build_sections(trace: Trace, model: DeepseekV2ForCausalLM | None) -> list[Se
 
 
 def _attention_sections(trace: Trace) -> list[Section]:
-    layers = sorted({int(k.split(".")[1]) for k in trace.tensors if k.startswith(("attention.", "q_nope."))})
+    layers = trace.attention_layers()
     if not layers:
-        return [Section("Attention", "", missing="Recording(attention='full' or 'last_row', or queries=True)")]
+        return [Section("Attention", "", missing=trace.missing("attention"))]
     out = [
         Section(
             "Heads overview: entropy",

@@ -37,7 +37,9 @@ def test_recorded_routing_is_what_the_router_hook_saw(tiny_model):
     assert len(df) == 2 * 32 * 3
     sel = df[(df.layer == 2) & (df.position == 25)].sort_values("rank")
     assert sel.expert.tolist() == trace.routing(2)[0][25].tolist()
-    assert set(df.step) == set(range(13)) and (df[df.position < 20].step == 0).all()
+    assert set(df.step) == {-1, *range(12)} and (df[df.position < 20].step == -1).all()
+    assert (df[df.position >= 20].step == df[df.position >= 20].position - 20).all()
+    assert [trace.step_of(p) for p in (0, 19, 20, 31, -1)] == [None, None, 0, 11, 11]
 
 
 def test_rebuilt_patterns_equal_live_ones_and_parts_sum_to_scores(tiny_model):

@@ -2,31 +2,51 @@
 
 A corpus is a list of traces from one model. Per-position results of a corpus concatenate the traces'
 positions in corpus order; tables get a ``trace`` column holding each row's index in the corpus. The
-routing analyses also take a collected :class:`~dsv2viz.corpus.Corpus` (``dsv2viz collect``).
+routing analyses also take a collection of routed tokens such as a collected
+:class:`~dsv2viz.corpus.Corpus` (``dsv2viz collect``), through the small :class:`RoutingCollection`
+protocol: the analyses never import the corpus package, which builds on them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Protocol, Union, runtime_checkable
 
+import numpy as np
 import pandas as pd
 import torch
 
 from ..traces import Trace
 
-if TYPE_CHECKING:
-    from ..corpus import Corpus
-
 Traces = Union[Trace, Sequence[Trace]]
-Routed = Union[Traces, "Corpus"]  # what the routing analyses accept
+
+
+@runtime_checkable
+class RoutingCollection(Protocol):
+    """What the routing analyses read from a collection of routed tokens (:class:`dsv2viz.corpus.Corpus`).
+
+    `stats` holds per-layer sums that add across shards: ``counts`` (M, E), ``coactivation`` (M, E, E),
+    ``token_experts`` (a table of layer, token_id, expert, count); ``per_layer(column)`` gives a per-token
+    column as (M, S, ...) in collection order; ``rows`` reads per-token rows; ``token_text`` labels ids.
+    """
+
+    stats: Any
+    moe_layers: list[int]
+    tokens: int
+
+    def per_layer(self, column: str) -> np.ndarray: ...
+
+    def rows(self, columns: Sequence[str] | None = None, *, layers: Sequence[int] | None = None) -> pd.DataFrame: ...
+
+    def token_text(self, token_ids: Sequence[int]) -> list[str]: ...
+
+
+Routed = Union[Traces, RoutingCollection]  # what the routing analyses accept
 
 
 def is_corpus(x: Any) -> bool:
-    """Whether `x` is a collected Corpus (imported here, not at module level: the corpus package uses analysis)."""
-    from ..corpus.corpus import Corpus
-
-    return isinstance(x, Corpus)
+    """Whether `x` is a collection of routed tokens (a collected Corpus) rather than traces."""
+    return isinstance(x, RoutingCollection)
 
 
 def as_traces(traces: Traces) -> list[Trace]:

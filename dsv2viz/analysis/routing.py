@@ -283,7 +283,9 @@ class TraceComparison:
 
     routing_changed: torch.Tensor  # (M,) fraction of the shared-prefix positions whose top-k expert set differs
     first_divergence: int | None  # first position where the tokens differ; None when one trace prefixes the other
-    kl: torch.Tensor  # (G,) per generated step of `a`: KL(a || b) of next-token distributions; NaN: not comparable
+    kl: (
+        torch.Tensor
+    )  # (G,) per step g of `a`: KL(a || b) of the distributions step g was drawn from; NaN: not comparable
     kl_exact: bool  # True: over the full vocabulary; False: over the recorded top tokens plus one "other" bucket
     layers: list[int]  # the model layers of routing_changed
 

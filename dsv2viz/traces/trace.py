@@ -14,6 +14,13 @@ pickle); the accessors give them meaning:
     logprobs (G, V)             that whole distribution (when recorded)
     resid_norms (L + 1, S)      residual-stream norm after the embedding and after each layer
     routed_norms, shared_norms (M, S)   norms of the routed and the shared experts' outputs
+
+Steps and positions, the one convention everywhere (``Step.index``, ``routing_df``'s ``step`` column,
+``analysis.compare``'s ``kl``, per-step tensors, the dashboard): generated token g (counted from 0) is
+**step g**. It sits at **position** ``prompt_len + g`` and was drawn from the distribution the model
+computed after reading position ``prompt_len + g - 1`` (the prompt's last token, for step 0); row g of
+``top_ids``, ``top_probs`` and ``logprobs`` is that distribution. Prompt positions were read in the
+prefill and have no step (``step_of`` returns None; ``routing_df`` writes -1).
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ from .recording import Recording
 
 FORMAT = "dsv2viz-trace"
 VERSION = 1
+
+
+_ATTENTION_HOW = "attention='full' or 'last_row', or queries=True with latents=True"
 
 
 class TraceError(ValueError):
@@ -85,9 +95,12 @@ class Trace:
     def moe_layers(self) -> list[int]:
         return self.config.moe_layers
 
-    def step_of(self, position: int) -> int:
-        """The generation step that processed a position: 0 for the prompt (prefill), i for the i-th new token."""
-        return max(0, position - self.prompt_len + 1)
+    def step_of(self, position: int) -> int | None:
+        """The step of the token at `position` (g for the g-th generated token, from 0); None for the prompt."""
+        if not -len(self) <= position < len(self):
+            raise TraceError(f"position {position} is outside this trace of {len(self)} tokens")
+        position %= len(self)
+        return position - self.prompt_len if position >= self.prompt_len else None
 
     # ----- routing ------------------------------------------------------------------------------------
     def require(self, name: str, how: str) -> torch.Tensor:
@@ -112,7 +125,8 @@ class Trace:
         return self.require("router_probs", "router_probs=True")[self._moe_row(layer)]
 
     def routing_df(self):
-        """Tidy routing table: one row per (position, layer, rank) with step, expert, weight and token."""
+        """Tidy routing table: one row per (position, layer, rank) with step (-1 for the prompt), expert,
+        weight and token."""
         import pandas as pd
 
         idx, w = self.require("topk_idx", "routing=True"), self.require("topk_weights", "routing=True")
@@ -129,7 +143,7 @@ class Trace:
                 "weight": w.float().flatten().numpy(),
             }
         )
-        df.insert(0, "step", (df["position"] - self.prompt_len + 1).clip(lower=0))
+        df.insert(0, "step", (df["position"] - self.prompt_len).clip(lower=-1))  # -1: prompt (prefill)
         df["token"] = [self.token_texts[p] for p in df["position"]]
         return df.sort_values(["position", "layer", "rank"], ignore_index=True)
 
@@ -137,6 +151,65 @@ class Trace:
     def latent(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(c_kv (S, R), k_pe (S, dr)) of one layer."""
         return self.require("c_kv", "latents=True")[layer], self.require("k_pe", "latents=True")[layer]
+
+    # ----- what this trace can show -----------------------------------------------------------------
+    def missing(self, view: str) -> str | None:
+        """None when this trace can show `view`; else the ``Recording(...)`` setting that would record it.
+
+        Views: ``routing``, ``router_probs``, ``latents``, ``attention`` (some layer's pattern, stored or
+        rebuildable), ``attention_parts`` (nope/rope split of some layer), ``candidates`` (next-token
+        candidates), ``full_logits``, ``residual_norms``, ``moe_norms``. Widgets and the report ask this
+        instead of reading tensor names, and show the returned setting where a view would be.
+        """
+        has = self.tensors.__contains__
+        checks = {
+            "routing": (has("topk_idx") or not self.moe_layers, "routing=True"),
+            "router_probs": (has("router_probs") or not self.moe_layers, "router_probs=True"),
+            "latents": (has("c_kv"), "latents=True"),
+            "attention": (bool(self.attention_layers()), _ATTENTION_HOW),
+            "attention_parts": (bool(self.attention_parts_layers()), "queries=True and latents=True"),
+            "candidates": (has("top_ids"), "top_logits=10"),
+            "full_logits": (has("logprobs"), "full_logits=True"),
+            "residual_norms": (has("resid_norms"), "residual_norms=True"),
+            "moe_norms": (has("routed_norms") or not self.moe_layers, "moe_norms=True"),
+        }
+        if view not in checks:
+            raise ValueError(f"unknown view {view!r}; views are {sorted(checks)}")
+        recorded, how = checks[view]
+        return None if recorded else f"Recording({how})"
+
+    def attention_layers(self) -> list[int]:
+        """Layers whose attention this trace can show: patterns stored, or rebuildable from queries and latents."""
+        return [layer for layer in range(self.config.num_hidden_layers) if self._attention_source(layer)]
+
+    def attention_parts_layers(self) -> list[int]:
+        """Layers whose scores split into content (nope) and position (rope) parts: queries and latents recorded."""
+        return [layer for layer in range(self.config.num_hidden_layers) if self._rebuildable(layer)]
+
+    def _rebuildable(self, layer: int) -> bool:
+        return f"q_nope.{layer}" in self.tensors and "c_kv" in self.tensors
+
+    def _attention_source(self, layer: int) -> str | None:
+        if f"attention.{layer}" in self.tensors:
+            return "stored"
+        return "rebuilt" if self._rebuildable(layer) else None
+
+    def candidates(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (k,), probs (k,)): the likeliest next tokens after reading `position`, best first.
+
+        That is the distribution the token at ``position + 1`` was drawn from (its step's row of
+        ``top_ids``), recorded for positions ``prompt_len - 1`` up to ``len - 2``.
+        """
+        ids, probs = self.require("top_ids", "top_logits=10"), self.tensors["top_probs"]
+        if not -len(self) <= position < len(self):
+            raise TraceError(f"position {position} is outside this trace of {len(self)} tokens")
+        step = position % len(self) + 1 - self.prompt_len
+        if not 0 <= step < len(ids):
+            raise TraceError(
+                f"no next-token candidates after position {position % len(self)}: they are recorded while "
+                f"generating, after positions {self.prompt_len - 1}..{self.prompt_len + len(ids) - 2}"
+            )
+        return ids[step], probs[step]
 
     def attention(self, layer: int, head: int, *, queries: Sequence[int] | None = None) -> AttentionView:
         """One head's pattern with its nope and rope parts, rebuilt from queries and latents when recorded.
@@ -148,12 +221,14 @@ class Trace:
         """
         stored = self.tensors.get(f"attention.{layer}")
         head_row = self._head_row(head, "attention_heads")
-        rebuildable = f"q_nope.{layer}" in self.tensors and "c_kv" in self.tensors
+        rebuildable = self._rebuildable(layer)
         if stored is None and not rebuildable:
-            raise TraceError(
-                f"layer {layer}'s attention was not recorded: use Recording(attention='full' or 'last_row', "
-                f"or queries=True) with attention_layers including {layer}"
+            how = (
+                "latents=True too"
+                if f"q_nope.{layer}" in self.tensors
+                else f"{_ATTENTION_HOW}, with attention_layers including {layer}"
             )
+            raise TraceError(f"layer {layer}'s attention cannot be shown: record it with Recording({how})")
         wanted = None if queries is None else [q % len(self) for q in queries]
         if stored is None:
             query_pos = torch.arange(len(self)) if wanted is None else torch.tensor(wanted)
