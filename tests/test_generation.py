@@ -78,7 +78,7 @@ def test_last_row_mode_keeps_one_row_per_step(tiny_model):
     assert trace.tensors["attention.1.query_pos"].tolist() == [19, 20, 21, 22, 23, 24]
     assert torch.equal(steps[-1].record["attention.1"], trace.tensors["attention.1"][:, -1])
     torch.testing.assert_close(trace.tensors["attention.1"].sum(-1), torch.ones(2, 6))
-    with pytest.raises(TraceError, match="attention was not recorded"):
+    with pytest.raises(TraceError, match="attention cannot be shown"):
         trace.attention(2, 0)
     assert trace.attention(1, 3, queries=[-1]).pattern.shape == (1, 25)
     with pytest.raises(TraceError, match=r"query positions \[5\] of layer 1 were not recorded"):
