@@ -11,11 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_config
 
 import dsv2viz
 from dsv2viz import analysis as A
 from dsv2viz import interventions as iv
 from dsv2viz.analysis import attribution as attribution_module
+from dsv2viz.model import DeepseekV2ForCausalLM
 
 PROMPT = list(range(3, 23))  # 20 token ids
 L, H, E, K, MOE = 3, 4, 8, 3, [1, 2]  # the tiny model: layer 0 dense, layers 1-2 MoE
@@ -24,10 +26,7 @@ FP32 = 1e-4  # the issue's bound for the decomposition in fp32
 
 @pytest.fixture(scope="module")
 def model():
-    from conftest import tiny_config
-
-    from dsv2viz.model import DeepseekV2ForCausalLM
-
+    """The tiny random model of conftest's `tiny_model`, built once for the module."""
     return DeepseekV2ForCausalLM(tiny_config()).init_weights(std=0.15, seed=0).eval().requires_grad_(False)
 
 
@@ -145,6 +144,26 @@ def test_a_contrast_token_gives_the_logit_difference_part_by_part(model, trace):
     )
     assert diff.by_kind().sum() == pytest.approx(diff.total) and diff.by_layer().sum() == pytest.approx(diff.total)
     assert list(diff.by_kind().index) == ["embedding", "head", "expert", "shared", "dense"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kinds"),
+    [
+        (dict(n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None), ["embedding", "head", "dense"]),
+        (dict(n_shared_experts=None), ["embedding", "head", "expert", "dense"]),
+        (dict(attention_bias=True), ["embedding", "head", "bias", "expert", "shared", "dense"]),
+    ],
+)
+def test_contributions_sum_to_the_logit_without_experts_shared_experts_or_with_an_o_proj_bias(
+    tiny_model, overrides, kinds
+):
+    model = tiny_model(**overrides)
+    ids = list(range(3, 15))
+    logits, _ = run(model, ids)
+    for attr in A.logit_attributions(model, ids, [0, 6, 11]):
+        assert list(attr.by_kind().index) == kinds
+        assert attr.logit == pytest.approx(float(logits[attr.position, attr.target]), abs=1e-5)
+        assert abs(attr.total - attr.logit) < FP32
 
 
 def test_attribution_follows_the_routing_of_an_intervention_in_scope(model, trace):

@@ -87,7 +87,7 @@ def ablation_effects(
     c = model.config
     names = [f"model.layers.{layer}.mlp.gate.hook_topk_{what}" for layer in c.moe_layers for what in ("idx", "weights")]
     with torch.no_grad():
-        logits, cache = model.run_with_cache(prefix, names_filter=names or None, last_only=True)
+        logits, cache = model.run_with_cache(prefix, names_filter=names or "hook_logits", last_only=True)
     logits = logits[0, -1].float().cpu()
     target = default_target(ids, position, logits) if target is None else target
     clean = float(logits.log_softmax(-1)[target])

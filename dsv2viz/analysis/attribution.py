@@ -166,11 +166,11 @@ def logit_attributions(
             f"contrast {contrast} is the target at position {pos[targets.index(contrast)]}: their logit difference "
             "is zero; pick another contrast"
         )
-    W_U, g = model.lm_head.weight.double(), model.model.norm.weight.double()
-    direction = W_U[torch.tensor(targets, device=W_U.device)]  # (P, D)
+    W_U = model.lm_head.weight  # (V, D): only the rows read are copied to float64
+    direction = W_U[torch.tensor(targets, device=W_U.device)].double()  # (P, D)
     if contrast is not None:
-        direction = direction - W_U[contrast]
-    direction = (direction * g).cpu()
+        direction = direction - W_U[contrast].double()
+    direction = (direction * model.model.norm.weight.double()).cpu()
     x_last = parts.final.double()  # (P, D), the residual stream the final norm reads
     scale = torch.rsqrt(x_last.pow(2).mean(-1) + model.model.norm.eps)  # (P,)
     contributions = torch.einsum("pnd,pd->pn", vectors.double(), direction) * scale[:, None]  # (P, n)
