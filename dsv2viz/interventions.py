@@ -57,6 +57,29 @@ def _check_below(indices: list[int], limit: int, what: str, where: str) -> None:
         raise ValueError(f"{what} {bad} out of range: {where} has {limit} (0..{limit - 1})")
 
 
+def _positions(positions: Iterable[int] | None) -> list[int] | None:
+    """Absolute positions to act on (None: all of them), checked like every other index."""
+    return None if positions is None else _indices(positions, "positions")
+
+
+def _check_positions(model: DeepseekV2ForCausalLM, where: list[int] | None) -> None:
+    if where is not None:
+        _check_below(where, model.config.max_position_embeddings, "positions", "the context")
+
+
+def _rows(where: list[int] | None) -> slice | list[int] | None:
+    """Rows of the T axis that hold the positions `where` in the forward pass now running: all of them
+    (a slice) when `where` is None, None when this pass reads none of them (a decoding step past them)."""
+    if where is None:
+        return slice(None)
+    now = current_positions()
+    return [p - now.start for p in where if p in now] or None
+
+
+def _at(where: list[int] | None) -> str:
+    return "" if where is None else f" at positions {where}"
+
+
 def _check_moe_layer(model: DeepseekV2ForCausalLM, layer: int, experts: list[int]) -> None:
     c = model.config
     if layer not in c.moe_layers:
@@ -64,19 +87,22 @@ def _check_moe_layer(model: DeepseekV2ForCausalLM, layer: int, experts: list[int
     _check_below(experts, c.n_routed_experts, "experts", f"layer {layer}")
 
 
-def ablate_experts(experts: ExpertSpec) -> Hooks:
+def ablate_experts(experts: ExpertSpec, *, positions: Iterable[int] | None = None) -> Hooks:
     """Remove experts from routing: no token is routed to them; each token takes its next-best experts instead.
 
     Their router probabilities are set to zero before the top-k choice, so the remaining experts keep the
     weights the router gave them (nothing is renormalized that the model would not renormalize itself).
-    At least K experts must remain in each layer.
+    At least K experts must remain in each layer. `positions` (absolute positions in the sequence; all
+    when None) limits the ablation to those tokens, e.g. ``positions=[7]`` reroutes token 7 only.
     """
+    where = _positions(positions)
     hooks: Hooks = []
     for layer, chosen in experts.items():
         layer, banned = _layer(layer), _indices(chosen, "experts")
 
         def validate(model: DeepseekV2ForCausalLM, layer: int = layer, banned: list[int] = banned) -> None:
             _check_moe_layer(model, layer, banned)
+            _check_positions(model, where)
             c = model.config
             if c.n_routed_experts - len(banned) < c.num_experts_per_tok:
                 raise ValueError(
@@ -84,12 +110,18 @@ def ablate_experts(experts: ExpertSpec) -> Hooks:
                     f"each token needs {c.num_experts_per_tok}"
                 )
 
-        def zero(probs: torch.Tensor, hook: HookPoint, banned: list[int] = banned) -> torch.Tensor:
+        def zero(probs: torch.Tensor, hook: HookPoint, banned: list[int] = banned) -> torch.Tensor:  # (B, T, E)
+            rows = _rows(where)
+            if rows is None:
+                return probs
             probs = probs.clone()
-            probs[..., banned] = 0.0
+            ablated = probs[:, rows]  # (B, T', E)
+            ablated[..., banned] = 0.0
+            probs[:, rows] = ablated
             return probs
 
-        hooks.append((f"model.layers.{layer}.mlp.gate.hook_probs", _hook(zero, f"ablate experts {banned}", validate)))
+        description = f"ablate experts {banned}{_at(where)}"
+        hooks.append((f"model.layers.{layer}.mlp.gate.hook_probs", _hook(zero, description, validate)))
     return hooks
 
 
@@ -124,8 +156,10 @@ def force_experts(experts: ExpertSpec) -> Hooks:
     return hooks
 
 
-def ablate_heads(heads: Mapping[int, Iterable[int]]) -> Hooks:
-    """Zero the output of attention heads (their z, before o_proj), layer -> heads."""
+def ablate_heads(heads: Mapping[int, Iterable[int]], *, positions: Iterable[int] | None = None) -> Hooks:
+    """Zero the output of attention heads (their z, before o_proj), layer -> heads; at `positions` only
+    (absolute positions in the sequence) when given, else at every position."""
+    where = _positions(positions)
     hooks: Hooks = []
     for layer, chosen in heads.items():
         layer, hs = _layer(layer), _indices(chosen, "heads")
@@ -133,13 +167,20 @@ def ablate_heads(heads: Mapping[int, Iterable[int]]) -> Hooks:
         def validate(model: DeepseekV2ForCausalLM, layer: int = layer, hs: list[int] = hs) -> None:
             _check_below([layer], model.config.num_hidden_layers, "layer", "the model")
             _check_below(hs, model.config.num_attention_heads, "heads", f"layer {layer}")
+            _check_positions(model, where)
 
         def zero(z: torch.Tensor, hook: HookPoint, hs: list[int] = hs) -> torch.Tensor:  # (B, T, H, dv)
+            rows = _rows(where)
+            if rows is None:
+                return z
             z = z.clone()
-            z[:, :, hs] = 0.0
+            ablated = z[:, rows]  # (B, T', H, dv)
+            ablated[:, :, hs] = 0.0
+            z[:, rows] = ablated
             return z
 
-        hooks.append((f"model.layers.{layer}.self_attn.hook_z", _hook(zero, f"ablate heads {hs}", validate)))
+        description = f"ablate heads {hs}{_at(where)}"
+        hooks.append((f"model.layers.{layer}.self_attn.hook_z", _hook(zero, description, validate)))
     return hooks
 
 
@@ -159,7 +200,7 @@ def patch_latent(
     """
     layer = _layer(layer)
     sel = slice(None) if dims is None else _indices(dims, "dims")
-    where = None if positions is None else _indices(positions, "positions")
+    where = _positions(positions)
     value = torch.as_tensor(value)
     if not bool(torch.isfinite(value).all()):
         raise ValueError("patch_latent: value must be finite")
@@ -169,23 +210,19 @@ def patch_latent(
         _check_below([layer], c.num_hidden_layers, "layer", "the model")
         if dims is not None:
             _check_below(sel, c.kv_lora_rank, "dims", "the latent c_kv")
-        if where is not None:
-            _check_below(where, c.max_position_embeddings, "positions", "the context")
+        _check_positions(model, where)
 
     def patch(c_kv: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # (B, T, R)
-        rows: slice | list[int] = slice(None)
-        if where is not None:
-            now = current_positions()
-            rows = [p - now.start for p in where if p in now]
-            if not rows:
-                return c_kv
+        rows = _rows(where)
+        if rows is None:
+            return c_kv
         c_kv = c_kv.clone()
         patched = c_kv[:, rows]  # (B, T', R)
         patched[..., sel] = value.to(dtype=c_kv.dtype, device=c_kv.device)
         c_kv[:, rows] = patched
         return c_kv
 
-    what = ("all dims" if dims is None else f"dims {sel}") + ("" if where is None else f" at positions {where}")
+    what = ("all dims" if dims is None else f"dims {sel}") + _at(where)
     return [(f"model.layers.{layer}.self_attn.hook_c_kv", _hook(patch, f"patch latent {what}", validate))]
 
 

@@ -16,8 +16,9 @@ import torch
 import dsv2viz
 from dsv2viz import analysis as A
 from dsv2viz import plots
-from dsv2viz.plots._layout import TICK_CHARS, chars_that_fit
+from dsv2viz.plots._layout import TICK_CHARS, chars_that_fit, expert_color
 from dsv2viz.plots._text import token_label, token_labels
+from dsv2viz.plots.attribution import KIND_COLORS, REST_COLOR
 from dsv2viz.random_checkpoint import write_random_checkpoint
 from dsv2viz.traces import Recording, TraceError
 
@@ -284,8 +285,91 @@ def test_logit_lens_cells_are_the_top1_probabilities(byte_model, trace):
     assert list(fig.layout.yaxis.ticktext) == ["embedding", "layer 0", "layer 1", "layer 2", "layer 3"]
 
 
+# ----- attribution --------------------------------------------------------------------------------------
+def bar_colors(frame) -> list[str]:
+    return [expert_color(i) if k == "expert" else KIND_COLORS[k] for k, i in zip(frame.kind, frame["index"])]
+
+
+def test_logit_attribution_bars_are_the_largest_parts_then_the_rest(byte_model, trace):
+    attr = A.logit_attribution(byte_model, trace, -2, contrast=5)
+    frame = attr.frame
+    fig = plots.logit_attribution(attr, top=10)
+    (bars,) = fig.data
+    np.testing.assert_allclose(bars.x[:10], frame.contribution[:10])
+    assert bars.x[10] == pytest.approx(frame.contribution[10:].sum()) and len(bars.x) == 11
+    assert sum(bars.x) == pytest.approx(attr.logit, abs=1e-4)  # the bars add up to the logit difference
+    assert list(fig.layout.yaxis.ticktext) == [*frame.component[:10], f"{len(frame) - 10} others"]
+    assert list(bars.marker.color) == [*bar_colors(frame[:10]), REST_COLOR]
+    every = plots.logit_attribution(attr, top=len(frame)).data[0]  # no rest bar: every part, experts included
+    assert len(every.x) == len(frame) and list(every.marker.color) == bar_colors(frame)
+    assert {expert_color(e) for e in frame[frame.kind == "expert"]["index"]} <= set(every.marker.color)
+    assert KIND_COLORS["head"] in every.marker.color
+    title = fig.layout.title.text
+    assert token_label(attr.target_text) in title and token_label(attr.contrast_text) in title
+    assert f"sum to {attr.logit:.4f}" in fig.layout.title.subtitle.text
+    with pytest.raises(ValueError, match="top=0 must be a positive integer"):
+        plots.logit_attribution(attr, top=0)
+
+
+def test_ablation_effects_bars_with_their_gradient_estimates(byte_model, trace):
+    p = len(trace) - 3
+    effects = A.ablation_effects(byte_model, trace, p)
+    estimates = A.attribution_patching(byte_model, trace, [p])
+    fig = plots.ablation_effects(effects, estimates, top=8)
+    bars, markers = fig.data
+    np.testing.assert_allclose(bars.x[:8], effects.frame.effect[:8])
+    assert bars.x[8] == pytest.approx(effects.frame.effect[8:].sum())
+    assert list(bars.marker.color) == [*bar_colors(effects.frame[:8]), REST_COLOR]
+    guess = estimates.at(p).set_index("component").estimate
+    np.testing.assert_allclose(markers.x, guess[effects.frame.component[:8]].to_numpy())
+    assert list(markers.y) == list(range(8))  # on their parts' bars
+    assert len(plots.ablation_effects(effects).data) == 1
+    with pytest.raises(ValueError, match="estimates are for another metric"):
+        plots.ablation_effects(effects, A.attribution_patching(byte_model, trace, [p - 1]))
+
+
+def patching_pair(byte_model, trace):
+    """The trace, and its tokens with position 3 changed, with the clean run's two likeliest last tokens."""
+    corrupted = trace.token_ids.clone()
+    corrupted[3] = (corrupted[3] + 1) % byte_model.config.vocab_size
+    with torch.no_grad():
+        best = byte_model(trace.token_ids[None])[0, -1].topk(2).indices.tolist()
+    return corrupted, best
+
+
+def test_patching_heatmap_is_the_recovered_table(byte_model, trace):
+    corrupted, (target, contrast) = patching_pair(byte_model, trace)
+    result = A.activation_patching(byte_model, trace, corrupted, target=target, contrast=contrast)
+    fig = plots.patching_heatmap(result)
+    (cells,) = heatmaps(fig)
+    np.testing.assert_array_equal(z_of(cells), result.recovered.numpy())
+    assert cells.zmid == 0 and cells.zmax == -cells.zmin >= 1
+    clean = token_labels(trace.token_texts, TICK_CHARS)
+    other = token_label(byte_model.tokenizer.token_texts([int(corrupted[3])])[0], TICK_CHARS)
+    assert list(fig.layout.xaxis.ticktext) == [*clean[:3], f"{clean[3]}→{other}", *clean[4:]]
+    assert list(fig.layout.yaxis.ticktext) == ["0", "1", "2", "3"]
+    assert cells.customdata[2][5][2] == pytest.approx(result.patched[2, 5].item())
+
+
+def test_routing_sankey_draws_the_largest_flows_in_expert_colours(trace):
+    paths = A.routing_paths(trace, top=2)
+    fig = plots.routing_sankey(paths, n=12)
+    (sankey,) = fig.data
+    flows = paths.flows(12)
+    labels = list(sankey.node.label)
+    pairs = [(labels[a], labels[b]) for a, b in zip(sankey.link.source, sankey.link.target)]
+    assert pairs == [(f"L{r.from_layer} E{r.from_expert}", f"L{r.to_layer} E{r.to_expert}") for r in flows.itertuples()]
+    assert list(sankey.link.value) == flows["count"].tolist()
+    assert list(sankey.node.color) == [expert_color(int(label.split("E")[1])) for label in labels]
+    assert sankey.node.hovertemplate and sankey.link.hovertemplate
+    assert "first 2 experts" in fig.layout.title.subtitle.text
+    with pytest.raises(ValueError, match="n=0 must be a positive integer"):
+        plots.routing_sankey(paths, n=0)
+
+
 # ----- safety and look ----------------------------------------------------------------------------------
 def token_figures(model, trace) -> dict[str, go.Figure]:
+    corrupted, (target, contrast) = patching_pair(model, trace)
     return {
         "token_strip": plots.token_strip(trace, 1),
         "routing_across_layers": plots.routing_across_layers(trace, 2),
@@ -295,6 +379,11 @@ def token_figures(model, trace) -> dict[str, go.Figure]:
         "attention_parts": plots.attention_parts(trace.attention(2, 3), trace.token_texts),
         "latent_norms": plots.latent_norms(trace),
         "logit_lens": plots.logit_lens(A.logit_lens(model, trace, top=2), trace.token_texts),
+        "logit_attribution": plots.logit_attribution(A.logit_attribution(model, trace, 2)),
+        "ablation_effects": plots.ablation_effects(A.ablation_effects(model, trace, 2)),
+        "patching_heatmap": plots.patching_heatmap(
+            A.activation_patching(model, trace, corrupted, target=target, contrast=contrast, layers=[1])
+        ),
     }
 
 
@@ -313,15 +402,16 @@ def test_every_figure_shares_one_look(byte_model, trace):
         heads_overview=plots.heads_overview(A.head_entropy(trace), "entropy"),
         latent_spectrum=plots.latent_spectrum(trace),
         kv_cache_memory=plots.kv_cache_memory(trace.config),
+        routing_sankey=plots.routing_sankey(A.routing_paths(trace)),
     )
     for name, fig in figures.items():
         assert fig.layout.template == pio.templates["plotly_white"], name
         assert fig.layout.title.text and fig.layout.width == 900 and fig.layout.height <= 900, name
-        if name not in ("top_tokens_per_expert", "token_strip"):  # a table, and a strip of text, have no axes
+        if name not in ("top_tokens_per_expert", "token_strip", "routing_sankey"):  # no axes to title
             assert any(ax.title.text for ax in fig.select_xaxes()) and any(
                 ax.title.text for ax in fig.select_yaxes()
             ), name
-        assert all(t.hovertemplate for t in fig.data if t.type != "table"), name
+        assert all(t.hovertemplate for t in fig.data if t.type not in ("table", "sankey")), name
 
 
 # ----- export -------------------------------------------------------------------------------------------

@@ -10,13 +10,17 @@ protocol: the analyses never import the corpus package, which builds on them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..generation import token_texts
 from ..traces import Trace
+
+if TYPE_CHECKING:
+    from ..model import DeepseekV2ForCausalLM
 
 Traces = Union[Trace, Sequence[Trace]]
 
@@ -42,6 +46,10 @@ class RoutingCollection(Protocol):
 
 
 Routed = Union[Traces, RoutingCollection]  # what the routing analyses accept
+Tokens = Union[Trace, Sequence[int], torch.Tensor]  # what the analyses that rerun the model read
+
+#: Most copies of a sequence one forward pass of the batched analyses (ablations, patching) may hold.
+MAX_BATCH = 1024
 
 
 def is_corpus(x: Any) -> bool:
@@ -74,3 +82,59 @@ def frame_per_trace(traces: Traces, per_trace: Callable[[Trace], pd.DataFrame]) 
 def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Entropy in nats of distributions along `dim` (0 log 0 = 0), computed in float64."""
     return torch.special.entr(p.double()).sum(dim)
+
+
+def token_sequence(model: DeepseekV2ForCausalLM, tokens: Tokens) -> tuple[torch.Tensor, list[str]]:
+    """(ids (T,) int64 on the CPU, their token texts) of a trace or of token ids, checked against `model`.
+
+    A trace keeps its own token texts; ids get theirs from the model's tokenizer. A trace recorded with a
+    model of another configuration, an empty sequence, or ids outside the vocabulary are refused.
+    """
+    if isinstance(tokens, Trace):
+        if tokens.config != model.config:
+            raise ValueError("this trace was recorded with a model of another configuration; rerun it with that model")
+        return tokens.token_ids.long().cpu(), list(tokens.token_texts)
+    ids = torch.as_tensor(tokens)
+    if ids.dim() == 2 and ids.shape[0] == 1:  # (1, T), as the model takes them
+        ids = ids[0]
+    if ids.numel() == 0:
+        raise ValueError("no tokens given: pass a trace or at least one token id")
+    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(
+            f"token ids must be integers in one sequence (T,) or (1, T); got {tuple(ids.shape)} {ids.dtype}"
+        )
+    V = model.config.vocab_size
+    bad = ids[(ids < 0) | (ids >= V)]
+    if len(bad):
+        raise ValueError(f"token ids {bad[:5].tolist()} are outside the vocabulary of {V}")
+    ids = ids.long().cpu()
+    return ids, token_texts(model, ids.tolist())
+
+
+def sequence_positions(positions: int | Sequence[int], length: int) -> list[int]:
+    """Positions in a sequence of `length` tokens, negative ones counted from the end, repeats dropped."""
+    wanted = [positions] if isinstance(positions, int) else list(positions)
+    out = []
+    for p in wanted:
+        if not isinstance(p, (int, np.integer)) or isinstance(p, bool):
+            raise ValueError(f"positions must be integers; got {p!r}")
+        if not -length <= p < length:
+            raise ValueError(f"position {p} is outside the sequence of {length} tokens")
+        out.append(int(p) % length)
+    if not out:
+        raise ValueError("no positions given: pass at least one")
+    return list(dict.fromkeys(out))
+
+
+def token_id(model: DeepseekV2ForCausalLM, token: object, what: str) -> int:
+    """`token` checked as an id of the model's vocabulary (`what` names it in the error)."""
+    V = model.config.vocab_size
+    if not isinstance(token, (int, np.integer)) or isinstance(token, bool) or not 0 <= token < V:
+        raise ValueError(f"{what}={token!r} must be a token id in 0..{V - 1}")
+    return int(token)
+
+
+def check_batch_size(batch_size: object) -> None:
+    """How many copies of a sequence a batched analysis runs at once: an integer in 1..MAX_BATCH."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= MAX_BATCH:
+        raise ValueError(f"batch_size={batch_size!r} must be an integer in 1..{MAX_BATCH}")

@@ -8,10 +8,12 @@ only through :func:`token_label`, which escapes it and makes whitespace visible.
     plots.token_strip(trace, layer=5)
     plots.utilization_heatmap(analysis.expert_utilization(trace))
     plots.save_html(plots.routing_confidence(trace), "confidence.html")
+    plots.logit_attribution(analysis.logit_attribution(model, trace, -2))
 """
 
 from ._text import token_label
 from .attention import attention_parts, attention_pattern, heads_overview
+from .attribution import ablation_effects, logit_attribution, patching_heatmap, routing_sankey
 from .export import save_html, save_image
 from .latent import kv_cache_memory, latent_norms, latent_spectrum
 from .lens import logit_lens
@@ -25,6 +27,7 @@ from .routing import (
 from .tokens import token_strip
 
 __all__ = [
+    "ablation_effects",
     "attention_parts",
     "attention_pattern",
     "coactivation_matrix",
@@ -32,9 +35,12 @@ __all__ = [
     "kv_cache_memory",
     "latent_norms",
     "latent_spectrum",
+    "logit_attribution",
     "logit_lens",
+    "patching_heatmap",
     "routing_across_layers",
     "routing_confidence",
+    "routing_sankey",
     "save_html",
     "save_image",
     "token_label",

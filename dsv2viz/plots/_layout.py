@@ -69,14 +69,26 @@ def chars_that_fit(n_columns: int) -> int:
     return max(1, int((WIDTH - 100) / max(1, n_columns) / CHAR_PX))
 
 
-def token_axis(texts: Sequence[str], positions: Sequence[int], title: str) -> dict:
-    """Axis settings that label `positions` with their token `texts` (raw; made safe here, cut to TICK_CHARS)."""
+def token_axis(
+    texts: Sequence[str], positions: Sequence[int], title: str, *, others: Sequence[str] | None = None
+) -> dict:
+    """Axis settings that label `positions` with their token `texts` (raw; made safe here, cut to TICK_CHARS).
+
+    `others` are a second sequence's texts at the same positions (a corrupted prompt beside the clean one):
+    where they differ, the tick shows both, ``clean→other``.
+    """
     step = math.ceil(len(texts) / MAX_TOKEN_TICKS) if texts else 1
+    labels = token_labels(texts, TICK_CHARS)
+    if others is not None:
+        labels = [
+            label if a == b else f"{label}→{other}"
+            for label, other, a, b in zip(labels, token_labels(others, TICK_CHARS), texts, others)
+        ]
     return {
         "title": title,
         "tickmode": "array",
         "tickvals": list(positions)[::step],
-        "ticktext": token_labels(texts, TICK_CHARS)[::step],
+        "ticktext": labels[::step],
         "tickfont": {"family": MONO, "size": 11 if len(texts) <= 48 else 9},
         "showgrid": False,
     }
