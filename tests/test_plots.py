@@ -42,9 +42,11 @@ def trace(byte_model):
 
 @pytest.fixture(scope="module")
 def evil(trace):
+    """The trace with two token texts made markup, its bytes dropped so every view reads those texts."""
     texts = list(trace.token_texts)
     texts[2] = texts[-1] = EVIL
-    return dataclasses.replace(trace, token_texts=texts)
+    tensors = {k: v for k, v in trace.tensors.items() if k not in ("token_bytes", "token_offsets")}
+    return dataclasses.replace(trace, token_texts=texts, tensors=tensors)
 
 
 def heatmaps(fig: go.Figure) -> list[go.Heatmap]:

@@ -222,7 +222,7 @@ def _merge(out: Path, job: dict, specs: list[ShardSpec], tokenizer: Tokenizer | 
     te = stats.token_experts
     if tokenizer is not None and len(te):
         unique = sorted(set(te["token_id"].tolist()))
-        texts = dict(zip(unique, tokenizer.token_texts(unique)))
+        texts = dict(zip(unique, tokenizer.token_labels(unique)))  # each id shown alone
         te = te.assign(token=[texts[i] for i in te["token_id"].tolist()])
     stats.token_experts = te
     stats.save(out, "stats")
