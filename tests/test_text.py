@@ -14,6 +14,8 @@ import itertools
 import json
 import random
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -379,3 +381,48 @@ def test_corpus_token_table_labels_ids_alone(demo, tmp_path):
     for layer in demo.config.moe_layers:  # traces group tokens by the same labels as the corpus
         a, b = analysis.top_tokens_per_expert(corpus, layer), analysis.top_tokens_per_expert(traces, layer)
         pd.testing.assert_frame_equal(a, b)
+
+
+# ----- the terminal ---------------------------------------------------------------------------------
+RAW = [b"\x1b", b"\x07", "\u202e".encode(), "\u2066".encode(), "\x9b".encode(), b"\x08", b"\r"]
+
+
+def test_generate_prints_no_raw_control_character():
+    prompt = "title\x1b]0;pwned\x07 clear\x1b[2J\x1bc rtl\u202eevil\u202c iso\u2066x\u2069 bs\x08\r\nline two\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "dsv2viz", "generate", "--prompt", prompt, "--max-new-tokens", "3", "--quiet"],
+        capture_output=True,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert not [r for r in RAW if r in out]
+    shown = "title␛]0;pwned␇ clear␛[2J␛c rtl⟨U+202E⟩evil⟨U+202C⟩ iso⟨U+2066⟩x⟨U+2069⟩ bs␈␍\nline two\n"
+    assert out.decode().startswith(DEEPSEEK_BOS + shown)  # newlines still newlines
+
+
+def test_errors_and_collect_reports_print_no_raw_control_character(demo, tmp_path, capsys):
+    from dsv2viz.cli import main
+    from dsv2viz.corpus import collect
+
+    evil = "x\x1b]0;pwned\x07\u202e"
+    assert main(["report", str(tmp_path / evil), "-o", str(tmp_path / "r.html")]) == 1
+    err = capsys.readouterr().err
+    assert "x␛]0;pwned␇⟨U+202E⟩" in err and not [r for r in RAW if r in err.encode()]
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"id": evil, "text": "  "}) + "\n" + json.dumps({"text": "ok"}) + "\n")
+    collect([path], tmp_path / "out", model=demo, progress=False)
+    err = capsys.readouterr().err
+    assert "skipped x␛]0;pwned␇⟨U+202E⟩: empty text" in err and not [r for r in RAW if r in err.encode()]
+
+
+def test_demo_shows_generated_control_bytes_visibly(tmp_path, capsys):
+    """The random model's byte tokens include control bytes; each row shows its token's label, controls visible."""
+    from dsv2viz.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "m"), "--tokens", "40", "--prompt", "x\x1b[2J\u202e"]) == 0
+    out = capsys.readouterr().out
+    assert not [r for r in RAW if r in out.encode()] and "x␛[2J⟨U+202E⟩" in out
+    tokens = [line.split()[1] for line in out.splitlines() if re.match(r"\s+\d+ ", line)]
+    assert len(tokens) == 40
+    assert any(len(t) == 1 and 0x2400 <= ord(t) <= 0x2421 for t in tokens)  # a control byte, as its picture
+    assert any(re.fullmatch("⟨[0-9a-f]{2}⟩", t) for t in tokens)  # a byte of no complete character
