@@ -120,7 +120,7 @@ def build_sections(trace: Trace, model: DeepseekV2ForCausalLM | None) -> list[Se
             Section(
                 "Logit lens",
                 "The next-token guess read off the residual stream after each layer.",
-                plots.logit_lens(frame, trace.token_texts),
+                plots.logit_lens(frame, trace.token_texts, trace.token_ids.tolist()),
             )
         )
     return out

@@ -366,6 +366,29 @@ def test_the_report_shows_the_prompt_exactly(demo, tmp_path):
     assert f'<div class="report-text">{shown}</div>' in page
 
 
+def test_the_logit_lens_marks_the_next_token_by_id(demo):
+    """The byte that completes 日 is labelled 日 in the sequence but ⟨a5⟩ as a candidate: the same token."""
+    from dsv2viz import plots
+
+    tok = demo.tokenizer
+    ids = tok.encode("日!")  # BOS, e6, 97, a5, !
+    guesses = [ids[1], ids[2], ids[3], ids[1]]  # right at positions 0-2, wrong at 3
+    frame = pd.DataFrame(
+        {
+            "layer": 0,
+            "position": range(4),
+            "rank": 0,
+            "token_id": guesses,
+            "token": tok.token_labels(guesses),
+            "prob": 0.5,
+        }
+    )
+    labels = T.labels(tok.token_bytes(ids))
+    assert labels[3] == "日" and tok.token_labels([ids[3]]) == ["⟨a5⟩"]
+    cells = plots.logit_lens(frame, labels, ids).data[0].text[0]
+    assert list(cells) == ["<b>⟨e6⟩</b>", "<b>⟨97⟩</b>", "<b>⟨a5⟩</b>", "⟨e6⟩"]
+
+
 def test_corpus_token_table_labels_ids_alone(demo, tmp_path):
     from dsv2viz import analysis
     from dsv2viz.corpus import collect
