@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .text import visible_controls
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 2**20
@@ -238,7 +240,7 @@ class Checkpoint:
                     unit="B",
                     unit_scale=True,
                     unit_divisor=1024,
-                    desc=shard.name,
+                    desc=visible_controls(shard.name),  # a file name: nothing in it may drive the terminal
                     disable=not progress,
                 ) as bar,
             ):

@@ -8,7 +8,10 @@
     dsv2viz collect [--model PATH] --input FILES... --out DIR [--ray]
                                             routing of a whole corpus: per-token Parquet rows and merged statistics
 
-Errors are one readable line on stderr and exit status 1, never a traceback.
+Errors are one readable line on stderr and exit status 1, never a traceback. Everything printed that
+comes from the user, the files or the model (tokens, paths, document ids, error messages) goes through
+`dsv2viz.text.visible_controls` first, so no control character or bidi override reaches the terminal
+raw; a streamed generation keeps its newlines and tabs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .checkpoint import CheckpointError, open_checkpoint
 from .config import ConfigError, DeepseekV2Config
 from .hooks import HookError
 from .model import DeepseekV2ForCausalLM
+from .text import visible, visible_controls
 from .tokenizer import TokenizerError
 from .traces import TraceBudgetError, TraceError
 
@@ -88,7 +92,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     config = DeepseekV2Config.from_json(folder)
     ckpt = open_checkpoint(folder)
     c = config
-    print(f"checkpoint      {folder}")
+    print(f"checkpoint      {visible_controls(str(folder))}")
     print(
         f"layers          {c.num_hidden_layers} ({len(c.moe_layers)} MoE, first {c.first_k_dense_replace} dense), hidden {c.hidden_size}, vocab {c.vocab_size}"
     )
@@ -114,7 +118,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"shards          {len(ckpt.shards)} files, {len(ckpt)} tensors, {ckpt.nbytes / 2**30:.2f} GiB ({', '.join(sorted(str(d).removeprefix('torch.') for d in stored))})"
     )
     for shard in ckpt.shards:
-        print(f"  {shard.name:<40}{shard.stat().st_size / 2**30:>8.2f} GiB")
+        print(f"  {visible_controls(shard.name):<40}{shard.stat().st_size / 2**30:>8.2f} GiB")
     latent, mha = c.kv_cache_bytes_per_token(2), c.mha_cache_bytes_per_token(2)
     print(
         f"KV cache (bf16) {latent:,} bytes/token ({c.kv_cache_dim} values x {c.num_hidden_layers} layers); "
@@ -146,16 +150,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         chat=args.chat,
         record=record,
     )
-    prompt_text = "".join(generation.texts)
-    print(prompt_text, end="", flush=True)
+    print(visible_controls(generation.prompt_text, keep_newlines=True), end="", flush=True)
     for step in generation:
-        print(step.text, end="", flush=True)
+        print(visible_controls(step.text, keep_newlines=True), end="", flush=True)
     print(f"\n[{len(generation.token_ids) - len(generation.prompt_ids)} tokens, finished: {generation.finish_reason}]")
     trace = generation.trace
     if args.trace:
-        print(f"trace saved to {trace.save(args.trace)}")
+        print(f"trace saved to {visible_controls(str(trace.save(args.trace)))}")
     if args.report:
-        print(f"report written to {report(trace, args.report, model=model)}")
+        print(f"report written to {visible_controls(str(report(trace, args.report, model=model)))}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -165,7 +168,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     trace = Trace.load(args.trace)
     model = load(args.model, progress=False) if args.model else None
-    print(f"report written to {report(trace, args.output, model=model)}")
+    print(f"report written to {visible_controls(str(report(trace, args.output, model=model)))}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -176,17 +179,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
     write_random_checkpoint(folder)
     model = load(folder, device="cpu", dtype=torch.float32, progress=False)
     layers = model.config.moe_layers
-    print(f"random-weight checkpoint in {folder}: routing is meaningless until you load trained weights")
-    print(f"generating {args.tokens} tokens after {args.prompt!r}; top-1 expert per MoE layer as each token streams:")
+    print(
+        f"random-weight checkpoint in {visible_controls(str(folder))}: "
+        "routing is meaningless until you load trained weights"
+    )
+    print(
+        f"generating {args.tokens} tokens after “{visible_controls(args.prompt)}”; "
+        "top-1 expert per MoE layer as each token streams:"
+    )
     print(f"  {'pos':>4} {'token':<10}" + "".join(f"L{layer:<4}" for layer in layers) + "  p(token)")
     generation = model.generate(args.prompt, args.tokens, temperature=0.8, seed=0)
     for step in generation:
         experts = "".join(f"{int(e):<5}" for e in step.record["experts"][:, 0])
-        print(f"  {step.position:>4} {step.text!r:<10}{experts}  {step.probability:.3f}")
+        token = visible(generation.texts[step.position])  # its label, spaces and controls visible
+        print(f"  {step.position:>4} {token:<10}{experts}  {step.probability:.3f}")
     trace = generation.trace
     print(f"trace: {len(trace)} tokens, latent KV {model.config.kv_cache_bytes_per_token(4):,} bytes/token in fp32")
     if args.trace:
-        print(f"saved to {trace.save(args.trace)}")
+        print(f"saved to {visible_controls(str(trace.save(args.trace)))}")
 
 
 def cmd_collect(args: argparse.Namespace) -> None:
@@ -220,7 +230,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
     totals = corpus.manifest["totals"]
     print(
         f"{totals['documents']:,} documents, {totals['tokens']:,} tokens routed, {totals['skipped']:,} skipped "
-        f"({time.perf_counter() - start:.1f} s, model loading included) -> {args.out}"
+        f"({time.perf_counter() - start:.1f} s, model loading included) -> {visible_controls(args.out)}"
     )
     util, stats = expert_utilization(corpus), corpus.stats
     print(f"  {'layer':>5} {'load CV':>8} {'max/mean':>9} {'entropy':>8} {'near ties':>10}")
@@ -316,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except USER_ERRORS as e:
-        print(f"dsv2viz {args.command}: error: {e}", file=sys.stderr)
+        print(f"dsv2viz {args.command}: error: {visible_controls(str(e))}", file=sys.stderr)
         return 1
     return 0
 

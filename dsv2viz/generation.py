@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from .hooks import NameFilter, scope
+from .tokenizer import SequenceText
 from .traces.recorder import Recorder
 from .traces.recording import Recording
-from .traces.trace import Trace
+from .traces.trace import Trace, token_byte_tensors
 
 if TYPE_CHECKING:
     from .model import DeepseekV2ForCausalLM
@@ -97,7 +98,7 @@ class Step:
     index: int  # its step: g for the g-th generated token, counted from 0
     position: int  # its position in the sequence: prompt length + index
     token_id: int
-    text: str
+    text: str  # the characters this token completes (dsv2viz.text); all steps' joined: the generated text
     probability: float  # of this token under the distribution it was drawn from (temperature 1, unfiltered)
     record: dict[str, torch.Tensor]  # this token's slice of the trace: experts (M, K), weights (M, K), ...
 
@@ -132,7 +133,8 @@ class Generation:
         # every name resolved now, before any work: a bad name in the list attaches nothing
         self._hooks = model.resolve_hooks([*self.interventions, *self.recorder.hooks()])
         self.token_ids: list[int] = list(self.prompt_ids)
-        self.texts: list[str] = token_texts(model, self.prompt_ids)
+        self._text = SequenceText(model.tokenizer)
+        self.prompt_text = self._text.append(self.prompt_ids)  # what the steps' texts continue
         self.top: list[tuple[torch.Tensor, torch.Tensor]] = []  # per new token: (top ids, top probs)
         self.logprobs: list[torch.Tensor] = []
         self.finish_reason: str | None = None  # "length", "stop_token" or "stopped" once ended
@@ -170,14 +172,14 @@ class Generation:
                 probs = logits.softmax(-1)
                 token = s.choose(logits, gen)
                 logits = self._forward(torch.tensor([[token]], device=model.device), cache)
-                with self._lock:  # the token, its distribution and its records become visible together
+                with self._lock:  # the token, its text, its distribution and its records become visible together
                     self.token_ids.append(token)
-                    self.texts += token_texts(model, [token])
+                    text = self._text.append([token])
+                    if token in stop_tokens or index == s.max_new_tokens - 1:
+                        text += self._text.flush()  # the last step: no later token can finish a character
                     self._keep_distribution(probs)
                     self.recorder.commit()
-                yield Step(
-                    index, len(self.token_ids) - 1, token, self.texts[-1], float(probs[token]), self._last_record()
-                )
+                yield Step(index, len(self.token_ids) - 1, token, text, float(probs[token]), self._last_record())
                 if token in stop_tokens:
                     self.finish_reason = "stop_token"
                     return
@@ -248,6 +250,16 @@ class Generation:
         return out
 
     @property
+    def texts(self) -> list[str]:
+        """Each token's label so far, prompt included (what ``trace.token_texts`` holds)."""
+        return self._text.labels
+
+    @property
+    def text(self) -> str:
+        """The prompt and generated text so far, decoded from the tokens' bytes (dsv2viz.text)."""
+        return self._text.text
+
+    @property
     def trace(self) -> Trace:
         """What has been recorded so far: a snapshot of whole steps, safe to take from any thread at any time."""
         with self._lock:
@@ -256,6 +268,7 @@ class Generation:
     def _snapshot(self) -> Trace:
         tensors = self.recorder.tensors()
         tensors["token_ids"] = torch.tensor(self.token_ids)
+        tensors.update(token_byte_tensors(self._text.chunks))
         if self.top:
             tensors["top_ids"] = torch.stack([i for i, _ in self.top])
             tensors["top_probs"] = torch.stack([p for _, p in self.top])
@@ -283,12 +296,6 @@ def encode_prompt(model: DeepseekV2ForCausalLM, prompt: Prompt, chat: bool) -> l
     if bad:
         raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {model.config.vocab_size}")
     return ids
-
-
-def token_texts(model: DeepseekV2ForCausalLM, ids: Sequence[int]) -> list[str]:
-    if model.tokenizer is None:
-        return [f"<{i}>" for i in ids]
-    return model.tokenizer.token_texts(list(ids))
 
 
 def describe(filter: NameFilter, fn: Callable) -> str:

@@ -120,7 +120,7 @@ def build_sections(trace: Trace, model: DeepseekV2ForCausalLM | None) -> list[Se
             Section(
                 "Logit lens",
                 "The next-token guess read off the residual stream after each layer.",
-                plots.logit_lens(frame, trace.token_texts),
+                plots.logit_lens(frame, trace.token_texts, trace.token_ids.tolist()),
             )
         )
     return out
@@ -172,8 +172,7 @@ def render(trace: Trace, sections: list[Section], title: str) -> str:
                 f'<p class="missing">Not recorded: record it with <code>{html.escape(s.missing or "")}</code>.</p>'
             )
         body.append("</section>")
-    prompt = html.escape("".join(trace.token_texts[: trace.prompt_len]))
-    generated = html.escape("".join(trace.token_texts[trace.prompt_len :]))
+    prompt, generated = html.escape(trace.prompt_text), html.escape(trace.generated_text)  # decoded, exact
     meta = trace.meta
     facts = [
         f"{len(trace)} tokens ({trace.prompt_len} prompt, {len(trace) - trace.prompt_len} generated)",

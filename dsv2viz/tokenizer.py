@@ -8,10 +8,18 @@ that the BOS/EOS ids in ``config.json`` are the ids this tokenizer really gives 
 mismatch would silently feed the model the wrong start token. Chat templates render in Jinja's
 immutable sandbox. `byte_level_bpe` and `write_tokenizer_files` build small tokenizers in the same
 format, for test checkpoints and demos.
+
+Every token id has exact bytes (:meth:`Tokenizer.token_bytes`): a byte-level vocabulary string stands
+for its bytes through GPT-2's byte<->unicode table (each of the 256 bytes is one printable character:
+``Ġ`` is the space), which is what the `tokenizers` ByteLevel decoder inverts. A token with a character
+outside that table (DeepSeek's BOS/EOS, with their ``｜`` and ``▁``) stands for its own UTF-8, again as
+that decoder reads it, added tokens included. `dsv2viz.text` turns these bytes into full texts, streamed
+pieces and labels; :class:`SequenceText` does it for a generation as it grows.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable
@@ -23,6 +31,8 @@ from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .text import TextStream, decode, label
 
 DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
 DEEPSEEK_EOS = "<｜end▁of▁sentence｜>"
@@ -40,6 +50,28 @@ DEFAULT_CHAT_TEMPLATE = (
 
 class TokenizerError(ValueError):
     """A tokenizer folder, its configuration or a chat conversation is unusable."""
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte<->unicode table, inverted: the byte each character of a byte-level vocabulary stands for.
+
+    Printable bytes stand for themselves; the other 68 (controls, space, DEL, NBSP, soft hyphen) for
+    the characters from U+0100 on, in byte order (so the space, byte 32, is ``Ġ`` U+0120).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+
+
+BYTE_OF_CHAR = _byte_of_char()
+
+
+def _vocab_bytes(token: str) -> bytes:
+    """The bytes a byte-level vocabulary string stands for; its UTF-8 when it is not made of table characters."""
+    try:
+        return bytes(BYTE_OF_CHAR[c] for c in token)
+    except KeyError:
+        return token.encode("utf-8")
 
 
 def _raise_exception(message: str) -> None:
@@ -161,13 +193,31 @@ class Tokenizer:
         """The text of `ids`."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def token_texts(self, ids: Iterable[int]) -> list[str]:
-        """The readable text each token contributes, for labelling plots ('Ġ' shows as ' ').
+    @functools.cached_property
+    def _bytes(self) -> list[bytes]:
+        """Every id's bytes, computed from the vocabulary once (see token_bytes)."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        table = [b""] * (max(vocab.values(), default=-1) + 1)
+        if isinstance(self._tok.decoder, decoders.ByteLevel):
+            for token, i in vocab.items():
+                table[i] = _vocab_bytes(token)
+        else:  # not byte-level: the best we can say is each token's own decoded text
+            for i in vocab.values():
+                table[i] = self._tok.decode([i], skip_special_tokens=False).encode("utf-8")
+        return table
 
-        A token holding only part of a multi-byte UTF-8 character shows that part as U+FFFD ('�'),
-        so these texts join back to `decode(ids)` only when no character is split across tokens.
+    def token_bytes(self, ids: Iterable[int]) -> list[bytes]:
+        """The exact bytes of each token; they join to the UTF-8 that `decode` reads (see the module docstring).
+
+        An id the tokenizer does not know (a model's vocab_size may exceed the tokenizer's) has no
+        bytes, as `tokenizers` drops it when decoding.
         """
-        return [self._tok.decode([i], skip_special_tokens=False) for i in ids]
+        table = self._bytes
+        return [table[i] if 0 <= i < len(table) else b"" for i in ids]
+
+    def token_labels(self, ids: Iterable[int]) -> list[str]:
+        """Each token id shown alone: its complete characters as text, its other bytes in hex (`dsv2viz.text.label`)."""
+        return id_labels(self, ids)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation with the folder's chat template (DeepSeek-V2's by default), sandboxed."""
@@ -191,6 +241,50 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation; the template's BOS is not doubled."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+
+def id_labels(tokenizer: Tokenizer | None, ids: Iterable[int]) -> list[str]:
+    """Each token id shown alone (`dsv2viz.text.label` of its bytes), or ``<id>`` for a model without a tokenizer."""
+    return [f"<{i}>" for i in ids] if tokenizer is None else [label(b) for b in tokenizer.token_bytes(ids)]
+
+
+class SequenceText:
+    """The text of a token sequence as it grows (a generation's): each token's bytes and label, and its text.
+
+    `append` returns the text the new tokens complete (`dsv2viz.text.TextStream`), `flush` the U+FFFD of a
+    character left unfinished at the end; all of it joined is `text`. Without a tokenizer there are no
+    bytes: every token shows and streams as ``<id>``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+        self.chunks: list[bytes] | None = None if tokenizer is None else []  # each token's bytes
+        self.labels: list[str] = []  # each token's label in this sequence
+        self._stream = TextStream()
+
+    def append(self, ids: Iterable[int]) -> str:
+        """Add tokens; returns the text they complete."""
+        ids = list(ids)
+        if self.tokenizer is None:
+            shown = [f"<{i}>" for i in ids]
+            self.labels += shown
+            return "".join(shown)
+        streamed = []
+        for chunk in self.tokenizer.token_bytes(ids):
+            piece = self._stream.push(chunk)
+            self.chunks.append(chunk)
+            self.labels.append(piece.label)
+            streamed.append(piece.text)
+        return "".join(streamed)
+
+    def flush(self) -> str:
+        """End the sequence: U+FFFD for the bytes of a character no later token will finish."""
+        return self._stream.flush()
+
+    @property
+    def text(self) -> str:
+        """The whole sequence decoded (a character still unfinished shows as U+FFFD)."""
+        return "".join(self.labels) if self.chunks is None else decode(self.chunks)
 
 
 def byte_level_bpe(

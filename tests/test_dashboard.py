@@ -78,12 +78,12 @@ def test_stop_ends_generation_early(tiny_model):
 
 
 class MarkupTokenizer:
-    """Token texts that are markup, to check the strip escapes them."""
+    """Tokens whose bytes are markup, to check the strip escapes them."""
 
     eos_token_id = None
 
-    def token_texts(self, ids):
-        return ["<img src=x onerror=alert(1)>" if i % 2 else f"<b>{i}</b>" for i in ids]
+    def token_bytes(self, ids):
+        return [(b"<img src=x onerror=alert(1)>" if i % 2 else f"<b>{i}</b>".encode()) for i in ids]
 
 
 def test_markup_tokens_are_escaped(dash):

@@ -52,7 +52,7 @@ def test_held_out_loss_is_well_below_unigram_and_every_expert_works():
 
 def test_greedy_generation_looks_like_python():
     model = dsv2viz.load(device="cpu", progress=False)
-    text = "".join(model.generate("def fibonacci(n):", 60).run().token_texts[1:])
+    text = model.generate("def fibonacci(n):", 60).run().generated_text
     words = set(text.replace("(", " ").replace(":", " ").split())
     assert len(words & set(keyword.kwlist)) >= 2, text
     assert any(line.startswith("    ") and line.strip() for line in text.splitlines()[1:]), text

@@ -60,7 +60,7 @@ assert teams.ratio.is_monotonic_decreasing and teams.ratio.iloc[0] == pairs[pair
 assert (co_fig.data[0].z == co.numpy()).all()
 
 # specialization: each listed top token's count and share, and the kind table, from the traces
-texts = [(text, chosen) for t in traces for text, chosen in zip(t.token_texts, t.routing(layer)[0].tolist())]
+texts = [(text, chosen) for t in traces for text, chosen in zip(t.id_labels, t.routing(layer)[0].tolist())]
 for _, r in top.iterrows():
     given_e = sum(r.expert in chosen for _, chosen in texts)
     count = sum(text == r.token and r.expert in chosen for text, chosen in texts)

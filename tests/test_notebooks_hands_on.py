@@ -111,7 +111,7 @@ assert torch.allclose(direction, mean_after(IMPORTS) - mean_after(BODY), atol=1e
 import re
 assert steer_table.scale.tolist() == [0.0, 0.5, 1.0, 2.0]
 for t, count in zip([base, *steered.values()], steer_table["import/from lines generated"]):
-    text = "".join(t.token_texts[t.prompt_len:])
+    text = t.generated_text
     assert count == len(re.findall(r"^\\s*(?:import|from) ", text, flags=re.M)), text
 assert list(steered) == [0.5, 1.0, 2.0] and all(results[f"steer x{s:g} at layer {mid}"][0] is t for s, t in steered.items())
 

@@ -43,9 +43,11 @@ def trace(byte_model):
 
 @pytest.fixture(scope="module")
 def evil(trace):
+    """The trace with two token texts made markup, its bytes dropped so every view reads those texts."""
     texts = list(trace.token_texts)
     texts[2] = texts[-1] = EVIL
-    return dataclasses.replace(trace, token_texts=texts)
+    tensors = {k: v for k, v in trace.tensors.items() if k not in ("token_bytes", "token_offsets")}
+    return dataclasses.replace(trace, token_texts=texts, tensors=tensors)
 
 
 def heatmaps(fig: go.Figure) -> list[go.Heatmap]:
@@ -345,7 +347,7 @@ def test_patching_heatmap_is_the_recovered_table(byte_model, trace):
     np.testing.assert_array_equal(z_of(cells), result.recovered.numpy())
     assert cells.zmid == 0 and cells.zmax == -cells.zmin >= 1
     clean = token_labels(trace.token_texts, TICK_CHARS)
-    other = token_label(byte_model.tokenizer.token_texts([int(corrupted[3])])[0], TICK_CHARS)
+    other = token_label(byte_model.tokenizer.token_labels([int(corrupted[3])])[0], TICK_CHARS)
     assert list(fig.layout.xaxis.ticktext) == [*clean[:3], f"{clean[3]}→{other}", *clean[4:]]
     assert list(fig.layout.yaxis.ticktext) == ["0", "1", "2", "3"]
     assert cells.customdata[2][5][2] == pytest.approx(result.patched[2, 5].item())

@@ -117,12 +117,12 @@ def test_cli_report_renders_every_plot_offline(tmp_path, browser):
 def test_token_text_never_runs_in_the_report(tmp_path, browser):
     model = dsv2viz.load(write_random_checkpoint(tmp_path / "m", dtype=torch.float32), progress=False)
     trace = model.generate(
-        "hello world", 4, record=Recording(attention="full", queries=True, attention_layers=[1])
-    ).run()
+        f"hello {EVIL} world", 4, record=Recording(attention="full", queries=True, attention_layers=[1])
+    ).run()  # the prompt's text is markup (each byte its own token, so no label holds all of it)
     texts = list(trace.token_texts)
     texts[2] = EVIL
     texts[-1] = EVIL
-    trace = dataclasses.replace(trace, token_texts=texts)
+    trace = dataclasses.replace(trace, token_texts=texts)  # and two labels too
     path = report(trace, tmp_path / "evil.html", model=model)
     html = path.read_text()
     assert EVIL not in html
@@ -136,3 +136,24 @@ def test_token_text_never_runs_in_the_report(tmp_path, browser):
     assert EVIL in page.locator(".report-text").inner_text()  # shown as text
     # hover labels and tick labels render the literal text as well
     assert page.locator("text", has_text="<img src=x onerror=alert(1)>").count() > 0
+
+
+def test_a_chinese_and_emoji_prompt_reads_exactly_in_the_browser(tmp_path, browser):
+    """The demo tokenizer cuts these characters into byte tokens; the page shows the text, and the labels their bytes."""
+    model = dsv2viz.load(progress=False)
+    prompt = "深度求索：混合专家 🙂👨\u200d👩\u200d👧 🇨🇳 café e\u0301\n\tend"
+    trace = model.generate(prompt, 3, record=Recording(attention="full", attention_layers=[0])).run()
+    assert any("⟨" in t for t in trace.token_texts)  # characters really were split across tokens
+    path = report(trace, tmp_path / "zh.html")
+
+    page, refused, _ = open_offline(browser, path)
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length > 5", timeout=60_000)
+    assert refused == []
+    shown = page.evaluate("document.querySelector('.report-text').textContent")
+    assert shown == trace.text and shown.startswith(model.tokenizer.bos_token + prompt)
+    assert page.evaluate("document.querySelector('.report-text .generated').textContent") == trace.generated_text
+    assert "\ufffd" not in shown
+    # a split character's first token shows its bytes in the figures' text: the strip's cells and axis ticks
+    first = next(t for t in trace.token_texts if t.startswith("⟨"))
+    assert page.locator("text", has_text=first).count() > 0
+    assert page.locator("text", has_text="深").count() > 0

@@ -73,7 +73,7 @@ def test_string_and_added_token_forms_read_the_same(tmp_path):
     assert config["bos_token"]["__type"] == "AddedToken" and config["bos_token"]["content"] == "<s>"
     for tok in as_dicts, as_strings:
         assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
-        assert tok.token_texts([tok.bos_token_id, tok.eos_token_id]) == ["<s>", "</s>"]
+        assert tok.token_labels([tok.bos_token_id, tok.eos_token_id]) == ["<s>", "</s>"]
         assert tok.decode(tok.encode("hi")) == "<s>hi"
 
 
@@ -165,13 +165,14 @@ def test_failing_template(tmp_path, template, message):
         tok.apply_chat_template(CHAT)
 
 
-def test_token_texts_are_readable(tok):
+def test_token_labels_are_readable(tok):
     text = "the quick brown fox, hello world"
     ids = tok.encode(text, add_bos=False)
-    texts = tok.token_texts(ids)
+    texts = tok.token_labels(ids)
     assert len(texts) == len(ids) and "".join(texts) == text
     assert any(t.startswith(" ") and len(t) > 1 for t in texts) and not any("Ġ" in t for t in texts)
-    assert tok.token_texts([tok.bos_token_id]) == [DEEPSEEK_BOS]
+    assert tok.token_labels([tok.bos_token_id]) == [DEEPSEEK_BOS]
+    assert tok.token_bytes([tok.bos_token_id]) == [DEEPSEEK_BOS.encode()]  # an added token: its UTF-8
 
 
 def test_untrained_byte_level_tokenizer(tmp_path):
@@ -187,8 +188,10 @@ def test_untrained_byte_level_tokenizer(tmp_path):
         ids = tok.encode(MIXED, add_bos=False)
         assert len(ids) == len(MIXED.encode()) and max(ids) < 256  # one token per byte
         assert tok.decode(ids) == MIXED
-        # Documented: a token that is part of a multi-byte character shows as U+FFFD.
-        assert tok.token_texts(tok.encode("🙂", add_bos=False)) == ["\ufffd"] * 4
+        # a token that is part of a multi-byte character shows its byte, not U+FFFD
+        ids = tok.encode("🙂", add_bos=False)
+        assert tok.token_bytes(ids) == [b"\xf0", b"\x9f", b"\x99", b"\x82"]
+        assert tok.token_labels(ids) == ["⟨f0⟩", "⟨9f⟩", "⟨99⟩", "⟨82⟩"]
     with pytest.raises(ValueError, match="258"):
         byte_level_bpe(None, 257, DEEPSEEK_BOS, DEEPSEEK_EOS)
 

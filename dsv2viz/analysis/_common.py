@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..generation import token_texts
+from ..tokenizer import SequenceText
 from ..traces import Trace
 
 if TYPE_CHECKING:
@@ -108,7 +108,9 @@ def token_sequence(model: DeepseekV2ForCausalLM, tokens: Tokens) -> tuple[torch.
     if len(bad):
         raise ValueError(f"token ids {bad[:5].tolist()} are outside the vocabulary of {V}")
     ids = ids.long().cpu()
-    return ids, token_texts(model, ids.tolist())
+    text = SequenceText(model.tokenizer)
+    text.append(ids.tolist())
+    return ids, text.labels
 
 
 def sequence_positions(positions: int | Sequence[int], length: int) -> list[int]:

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..generation import token_texts
+from ..tokenizer import id_labels
 from ._common import Tokens, check_batch_size, sequence_positions, token_id, token_sequence
 from .attribution import component_name, default_target, largest_first
 
@@ -129,7 +129,12 @@ def ablation_effects(
         }
     )
     return AblationEffects(
-        position, texts[position], target, token_texts(model, [target])[0], clean, largest_first(frame, "effect")
+        position,
+        texts[position],
+        target,
+        id_labels(model.tokenizer, [target])[0],
+        clean,
+        largest_first(frame, "effect"),
     )
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..generation import token_texts
+from ..tokenizer import id_labels
 from ._common import Tokens, sequence_positions, token_id, token_sequence
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def logit_attributions(
         own = own - logits[:, contrast].double()
 
     shown = sorted({*targets} | ({contrast} if contrast is not None else set()))
-    text_of = dict(zip(shown, token_texts(model, shown)))
+    text_of = dict(zip(shown, id_labels(model.tokenizer, shown)))
     out = []
     for i, p in enumerate(pos):
         frame = _frame(labels, i, contributions[i])

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..generation import token_texts
+from ..tokenizer import id_labels
 from ..traces import Trace
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ def logit_lens(
     top: int = 5,
 ) -> pd.DataFrame:
     """The `top` likeliest next tokens read from each layer: (layer, position, rank, token_id, token, prob).
+
+    `token` shows each candidate alone (`dsv2viz.text.label`).
 
     Layer -1 is the embedding (``model.hook_embed``) and layer l the residual stream after layer l
     (``model.layers.{l}.hook_resid_post``); each is passed through ``model.model.norm`` and
@@ -57,7 +59,7 @@ def logit_lens(
                         "position": np.repeat(pos.numpy(), top),
                         "rank": np.tile(np.arange(top), len(pos)),
                         "token_id": token_ids.numpy(),
-                        "token": token_texts(model, token_ids.tolist()),
+                        "token": id_labels(model.tokenizer, token_ids.tolist()),
                         "prob": best.values.cpu().flatten().numpy(),
                     }
                 )

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..generation import token_texts
+from ..tokenizer import id_labels
 from ._common import Tokens, check_batch_size, sequence_positions, token_id, token_sequence
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ class _Pair:
         return out
 
     def text(self, token: int) -> str:
-        return token_texts(self.model, [token])[0]
+        return id_labels(self.model.tokenizer, [token])[0]
 
     def _diff(self, logits: torch.Tensor) -> torch.Tensor:
         """(B,) logit difference target - contrast of next-token logits (B, V), in float64."""

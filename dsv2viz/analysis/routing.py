@@ -209,8 +209,9 @@ def top_tokens_per_expert(traces: Routed, layer: int, *, n: int = 10) -> pd.Data
     """Each expert's `n` most frequent tokens at `layer`: (expert, token, count, share).
 
     `share` is the token's part of everything routed to that expert. This is the first look at what an
-    expert specialises in (digits, punctuation, one language, code). Tokens are grouped by their text;
-    ties in count are broken by text, so the table is deterministic.
+    expert specialises in (digits, punctuation, one language, code). Tokens are grouped by their label
+    shown alone (`dsv2viz.text.label`, the same wherever the id occurs); ties in count are broken by
+    label, so the table is deterministic.
     """
     if is_corpus(traces):
         _corpus_row(traces, layer)
@@ -226,7 +227,7 @@ def top_tokens_per_expert(traces: Routed, layer: int, *, n: int = 10) -> pd.Data
         pairs: Counter[tuple[int, str]] = Counter()
         for t in as_traces(traces):
             experts = t.routing(layer)[0]
-            for text, chosen in zip(t.token_texts, experts.tolist()):
+            for text, chosen in zip(t.id_labels, experts.tolist()):
                 pairs.update((e, text) for e in chosen)
         df = pd.DataFrame([(e, text, c) for (e, text), c in pairs.items()], columns=["expert", "token", "count"])
     df["share"] = df["count"] / df.groupby("expert")["count"].transform("sum")

@@ -111,7 +111,7 @@ class Corpus:
         return dataset.to_table(columns=list(columns) if columns else None, filter=filter)
 
     def token_text(self, token_ids: Sequence[int]) -> list[str]:
-        """Text of token ids that occur in the corpus (from the tokenizer, recorded at collection)."""
+        """Labels of token ids that occur in the corpus, each shown alone (`dsv2viz.text.label`, recorded at collection)."""
         te = self.stats.token_experts
         if "token" not in te.columns:
             return [f"<{i}>" for i in token_ids]

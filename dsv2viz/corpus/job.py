@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..config import DeepseekV2Config
 from ..loading import DEMO_MODEL, default_dtype, load
 from ..model import DeepseekV2ForCausalLM
+from ..text import visible_controls
 from ..tokenizer import Tokenizer
 from .corpus import FORMAT, VERSION, Corpus
 from .documents import CollectError, InputFile, ShardSpec, plan_shards
@@ -138,12 +139,13 @@ def collect(
                 bar.update(summary["tokens"])
             for s in summary["skipped"]:
                 if shown < SHOW_SKIPPED:
-                    bar.write(f"skipped {s['doc_id']}: {s['reason']}", file=sys.stderr)
+                    bar.write(visible_controls(f"skipped {s['doc_id']}: {s['reason']}"), file=sys.stderr)
                 shown += 1
     finally:
         bar.close()
     if shown > SHOW_SKIPPED:
-        print(f"... and {shown - SHOW_SKIPPED} more skipped documents: see {out / 'skipped.jsonl'}", file=sys.stderr)
+        more = f"... and {shown - SHOW_SKIPPED} more skipped documents: see {out / 'skipped.jsonl'}"
+        print(visible_controls(more), file=sys.stderr)
     tokenizer = (
         loaded.tokenizer
         if loaded is not None
@@ -222,7 +224,7 @@ def _merge(out: Path, job: dict, specs: list[ShardSpec], tokenizer: Tokenizer | 
     te = stats.token_experts
     if tokenizer is not None and len(te):
         unique = sorted(set(te["token_id"].tolist()))
-        texts = dict(zip(unique, tokenizer.token_texts(unique)))
+        texts = dict(zip(unique, tokenizer.token_labels(unique)))  # each id shown alone
         te = te.assign(token=[texts[i] for i in te["token_id"].tolist()])
     stats.token_experts = te
     stats.save(out, "stats")

@@ -1,14 +1,17 @@
 """Token text made safe and readable: the one place every figure gets its token labels from.
 
-Plotly renders a subset of HTML in titles, tick labels, cell text and hover labels, so a raw token such
-as ``<img src=x onerror=alert(1)>`` would be markup rather than text. :func:`token_label` escapes it and
-also makes invisible characters visible, since a byte-level tokenizer produces many tokens that are
-only spaces or line breaks:
+Figures show labels (`dsv2viz.text`: the characters a token completes, the bytes of a character it
+only starts in hex, e.g. ``⟨e6 97⟩``). Plotly renders a subset of HTML in titles, tick labels, cell text
+and hover labels, so a raw token such as ``<img src=x onerror=alert(1)>`` would be markup rather than
+text. :func:`token_label` escapes it and also makes invisible characters visible
+(`dsv2viz.text.visible`), since a byte-level tokenizer produces many tokens that are only spaces or
+line breaks:
 
 * a space at the start or end of a token shows as ``·`` (``" the"`` -> ``·the``, ``"  "`` -> ``··``);
   spaces between other characters stay spaces;
-* a line feed shows as ``↵``, a tab as ``⇥``, a carriage return as ``␍``, any other control character
-  as its Unicode control picture (``\\x00`` -> ``␀``, DEL -> ``␡``);
+* a line feed shows as ``↵``, a tab as ``⇥``, a carriage return as ``␍``, any other C0 control character
+  as its Unicode control picture (``\\x00`` -> ``␀``, DEL -> ``␡``), C1 controls and bidirectional
+  overrides as their code point (``⟨U+202E⟩``), so none can reorder the text around it;
 * the empty token shows as ``∅``.
 
 Escaping is :func:`html.escape` with ``quote=True``, except that the double quote is written ``&#34;``
@@ -22,28 +25,16 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-_VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍", "\x7f": "␡"}
-_VISIBLE.update({chr(c): chr(0x2400 + c) for c in range(0x20) if chr(c) not in _VISIBLE})
+from ..text import visible
 
 
 def token_label(text: str, max_chars: int | None = None) -> str:
-    """`text` with whitespace made visible and HTML escaped, safe for any plotly text field.
+    """`text` with whitespace and controls made visible and HTML escaped, safe for any plotly text field.
 
     `max_chars` (for small cells) cuts the visible text to that many characters ending in ``…``
     before escaping, so an entity is never cut in half.
     """
-    if not text:
-        return "∅"
-    body = text.strip(" ")
-    if body:
-        start = text.index(body)
-        visible = "·" * start + body + "·" * (len(text) - start - len(body))
-    else:
-        visible = "·" * len(text)
-    visible = "".join(_VISIBLE.get(ch, ch) for ch in visible)
-    if max_chars is not None and len(visible) > max_chars:
-        visible = visible[: max(1, max_chars - 1)] + "…"
-    return html.escape(visible, quote=True).replace("&quot;", "&#34;").replace("$", "&#36;")
+    return html.escape(visible(text, max_chars), quote=True).replace("&quot;", "&#34;").replace("$", "&#36;")
 
 
 def token_labels(texts: Sequence[str], max_chars: int | None = None) -> list[str]:

@@ -18,14 +18,20 @@ from ._layout import MONO, chars_that_fit, colorbar, hover, row_axis, style, tok
 from ._text import token_label, token_labels
 
 
-def logit_lens(frame: pd.DataFrame, token_texts: Sequence[str]) -> go.Figure:
-    """Layers x positions heat map of the top-1 probability from :func:`dsv2viz.analysis.logit_lens`."""
+def logit_lens(frame: pd.DataFrame, token_texts: Sequence[str], token_ids: Sequence[int] | None = None) -> go.Figure:
+    """Layers x positions heat map of the top-1 probability from :func:`dsv2viz.analysis.logit_lens`.
+
+    `token_texts` label the positions (a trace's ``token_texts``). A guess is bold where its id is the
+    id that came next, given `token_ids` (a trace's ``token_ids``); without them, where its label equals
+    the next token's, which misses or misplaces a token that completes a character split across tokens.
+    """
     layers, positions = sorted(frame.layer.unique()), sorted(frame.position.unique())
     ranked = frame.sort_values(["layer", "position", "rank"])
     top1 = ranked[ranked["rank"] == 0].set_index(["layer", "position"])
     index = pd.MultiIndex.from_product([layers, positions])
     probs = top1["prob"].reindex(index).to_numpy(dtype=float).reshape(len(layers), len(positions))
     guess = top1["token"].reindex(index).to_numpy(dtype=object).reshape(len(layers), len(positions))
+    guess_ids = top1["token_id"].reindex(index).to_numpy(dtype=object).reshape(len(layers), len(positions))
     listing = (
         ranked.assign(
             line=[
@@ -41,10 +47,15 @@ def logit_lens(frame: pd.DataFrame, token_texts: Sequence[str]) -> go.Figure:
     )
     width = chars_that_fit(len(positions))
     actual = [token_texts[p + 1] if p + 1 < len(token_texts) else None for p in positions]
+    if token_ids is None:
+        came_next = guess == np.array(actual, dtype=object)[None, :]
+    else:
+        next_ids = np.array([int(token_ids[p + 1]) if p + 1 < len(token_ids) else -1 for p in positions])
+        came_next = guess_ids == next_ids[None, :]
     text = np.empty(guess.shape, dtype=object)
     for (i, j), g in np.ndenumerate(guess):
         label = token_label(g, width)
-        text[i, j] = f"<b>{label}</b>" if g == actual[j] else label
+        text[i, j] = f"<b>{label}</b>" if came_next[i, j] else label
     read = token_labels([token_texts[p] for p in positions])
     nxt = ["(end of text)" if a is None else token_label(a) for a in actual]
     rows = ["embedding" if layer < 0 else f"layer {layer}" for layer in layers]

@@ -4,6 +4,8 @@ Tensors live in one dict keyed by name (a trace is saved as one safetensors file
 pickle); the accessors give them meaning:
 
     token_ids (S,)              prompt then generated tokens; S = len(trace)
+    token_bytes (N,) uint8, token_offsets (S + 1,) int64
+                                every token's exact bytes, concatenated: token i is token_bytes[offsets[i]:offsets[i + 1]]
     topk_idx (M, S, K) int64    routed experts per MoE layer and position, best first (M = MoE layers)
     topk_weights (M, S, K)      their weights
     router_probs (M, S, E)      the full router distribution (when recorded)
@@ -21,11 +23,21 @@ Steps and positions, the one convention everywhere (``Step.index``, ``routing_df
 computed after reading position ``prompt_len + g - 1`` (the prompt's last token, for step 0); row g of
 ``top_ids``, ``top_probs`` and ``logprobs`` is that distribution. Prompt positions were read in the
 prefill and have no step (``step_of`` returns None; ``routing_df`` writes -1).
+
+Text follows `dsv2viz.text`'s rule and is exact without the model or its tokenizer, from the recorded
+bytes: ``trace.text`` (and ``prompt_text``, ``generated_text``) is the bytes decoded, never labels joined.
+``trace.token_texts`` holds each token's label in the sequence, what every view shows: the characters the
+token completes, then the bytes it holds of a character it does not complete in hex (``⟨e6 97⟩``).
+``trace.id_labels`` shows each token as if alone, the same for every occurrence of an id (for tables
+that group by token). A trace recorded without a tokenizer has no bytes (its tokens show as ``<id>``),
+and one saved before the bytes were recorded keeps the token texts it was saved with; both fall back
+to those texts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -37,6 +49,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .. import text as textlib
 from ..config import ConfigError, DeepseekV2Config
 from .recording import Recording
 
@@ -69,7 +82,7 @@ class Trace:
 
     config: DeepseekV2Config
     prompt_len: int
-    token_texts: list[str]
+    token_texts: list[str]  # each token's label in the sequence (see the module docstring)
     tensors: dict[str, torch.Tensor]
     recording: Recording = field(default_factory=Recording)
     meta: dict[str, Any] = field(default_factory=dict)  # sampling settings, interventions, model name, ...
@@ -87,9 +100,42 @@ class Trace:
         return self.token_ids[self.prompt_len :].tolist()
 
     @property
+    def token_chunks(self) -> list[bytes] | None:
+        """Each token's exact bytes, or None for a trace without them (no tokenizer, or saved before they were recorded)."""
+        if "token_bytes" not in self.tensors:
+            return None
+        data = self.tensors["token_bytes"].numpy().tobytes()
+        offsets = self.tensors["token_offsets"].tolist()
+        return [data[a:b] for a, b in itertools.pairwise(offsets)]
+
+    @property
+    def text_pieces(self) -> list[str]:
+        """Each token's part of `text`: the characters it completes (`dsv2viz.text.pieces`); they join to `text`."""
+        chunks = self.token_chunks
+        return list(self.token_texts) if chunks is None else textlib.pieces(chunks)
+
+    @property
     def text(self) -> str:
-        """Prompt and generated text, as the token texts joined."""
-        return "".join(self.token_texts)
+        """Prompt and generated text: all the tokens' bytes decoded as one UTF-8 text."""
+        if "token_bytes" not in self.tensors:
+            return "".join(self.token_texts)
+        return textlib.decode(self.tensors["token_bytes"].numpy().tobytes())
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt's part of `text`: the characters its tokens complete."""
+        return "".join(self.text_pieces[: self.prompt_len])
+
+    @property
+    def generated_text(self) -> str:
+        """The generated part of `text`: the characters the new tokens complete; ``prompt_text + generated_text == text``."""
+        return "".join(self.text_pieces[self.prompt_len :])
+
+    @property
+    def id_labels(self) -> list[str]:
+        """Each token shown alone (`dsv2viz.text.label`): the same for every occurrence of an id."""
+        chunks = self.token_chunks
+        return list(self.token_texts) if chunks is None else [textlib.label(c) for c in chunks]
 
     @property
     def moe_layers(self) -> list[int]:
@@ -338,3 +384,17 @@ class Trace:
 
     def __repr__(self) -> str:
         return f"Trace({len(self)} tokens, prompt {self.prompt_len}, tensors {sorted(self.tensors)})"
+
+
+def token_byte_tensors(chunks: Sequence[bytes] | None) -> dict[str, torch.Tensor]:
+    """The ``token_bytes`` and ``token_offsets`` tensors of each token's bytes; none when the bytes are unknown."""
+    if chunks is None:
+        return {}
+    data = b"".join(chunks)
+    lengths = torch.tensor([0, *map(len, chunks)], dtype=torch.int64)
+    return {
+        "token_bytes": torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.zeros(0, dtype=torch.uint8),
+        "token_offsets": lengths.cumsum(0),
+    }

@@ -26,11 +26,12 @@ from plotly.subplots import make_subplots
 
 from .. import analysis, plots
 from ..analysis import TraceComparison
-from ..generation import Generation, Prompt, Step, token_texts
+from ..generation import Generation, Prompt, Step
 from ..interventions import ablate_experts, force_experts
 from ..model import DeepseekV2ForCausalLM
 from ..plots._layout import hover, row_axis, style
 from ..plots._text import token_label
+from ..tokenizer import id_labels
 from ..traces import Recording, Trace
 from ._figure import redraw
 from ._live import Flush, Streamer, newest_attention, strip_html, token_span
@@ -273,7 +274,7 @@ class GenerationDashboard(w.VBox):
             self._render_inspect()
         elif steps:
             self.status.value = (
-                f"generating… {len(trace) - trace.prompt_len} tokens, last {token_label(steps[-1].text)}"
+                f"generating… {len(trace) - trace.prompt_len} tokens, last {token_label(trace.token_texts[-1])}"
             )
 
     def _flush_intervention(self, steps: list[Step], generation: Generation, final: bool) -> None:
@@ -338,7 +339,7 @@ class GenerationDashboard(w.VBox):
             ids, probs = trace.tensors["top_ids"][step].tolist(), trace.tensors["top_probs"][step].tolist()
             rows = "".join(
                 f"<tr><td style='font-family:monospace'>{token_label(t)}</td><td>{q:.3f}</td></tr>"
-                for t, q in zip(token_texts(self.model, ids), probs)
+                for t, q in zip(id_labels(self.model.tokenizer, ids), probs)
             )
             self.candidates.value = f"<b>next-token candidates after position {p}</b><table>{rows}</table>"
         else:
