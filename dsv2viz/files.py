@@ -8,7 +8,13 @@ Everything dsv2viz writes goes through :func:`atomic_path` or :func:`atomic_writ
 written under a temporary name in the destination's folder, flushed to disk, then renamed over the
 destination in one step (``os.replace``). A reader, or a process killed mid-write, sees either the old
 file or the new one, never half of it; the temporary file of a killed writer is left under a name that
-starts with ``.`` and ends with ``.tmp``, which readers ignore.
+starts with ``.`` and ends with ``.tmp``, which readers ignore and :func:`remove_temporaries` clears.
+
+A write of several files (a trace, a collection) is made whole the same way: each file is written
+atomically and one small file written last (the commit point) says which of them belong together.
+
+Writers never write into a folder the user did not give them: :func:`foreign_entries` lists what in a
+folder is not the writer's own, and a writer refuses a folder where it finds anything.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,8 @@ def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES, error
         raise error(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise error(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:  # a number past Python's limit on integer digits
+        raise error(f"{path}: not readable JSON ({e})") from None
 
 
 def temporary_name(path: Path) -> Path:
@@ -78,6 +86,29 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return path
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one :func:`temporary_name` gives (a write in progress, or a killed one's leftover)."""
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def remove_temporaries(folder: str | os.PathLike, name: str = "*") -> None:
+    """Delete the temporary files that killed writers left in `folder` for destinations matching `name` (a glob).
+
+    Only one writer may write a destination at a time: this also removes a running writer's temporary file.
+    """
+    for tmp in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
+def foreign_entries(folder: str | os.PathLike, is_own: Callable[[str], bool]) -> list[str]:
+    """Names in `folder` (sorted) that are neither the writer's own (`is_own`) nor temporary files; [] if absent."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not (is_own(p.name) or is_temporary(p.name)))
 
 
 def _fsync_folder(folder: Path) -> None:
