@@ -111,6 +111,12 @@ def foreign_entries(folder: str | os.PathLike, is_own: Callable[[str], bool]) ->
     return sorted(p.name for p in folder.iterdir() if not (is_own(p.name) or is_temporary(p.name)))
 
 
+def name_list(names: list[str], limit: int = 3) -> str:
+    """Names for a message: the first `limit` of them, then how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make a rename inside `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
     with contextlib.suppress(OSError):

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import _DTYPES as SAFETENSORS_DTYPES
 from ..config import ConfigError, DeepseekV2Config
-from ..files import atomic_path, atomic_write, foreign_entries, read_json, remove_temporaries
+from ..files import atomic_path, atomic_write, foreign_entries, name_list, read_json, remove_temporaries
 from .recording import Recording
 
 FORMAT = "dsv2viz-trace"
@@ -328,7 +328,8 @@ def is_trace_folder(folder: str | os.PathLike) -> bool:
 
 
 def check_trace_folder(folder: str | os.PathLike) -> None:
-    """Raise TraceError unless `folder` may receive a trace: missing, empty, a trace folder, or a killed save's leftovers."""
+    """Raise TraceError unless `folder` may receive a trace: it is missing, empty, a trace folder, or holds
+    only what a killed save left."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise TraceError(f"{folder} is a file; save the trace to a folder")
@@ -341,9 +342,9 @@ def check_trace_folder(folder: str | os.PathLike) -> None:
         return
     foreign = foreign_entries(folder, _is_tensors_file)
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise TraceError(
-            f"{folder} is not empty ({shown}) and is not a trace folder; save the trace to a new or empty folder"
+            f"{folder} is not empty ({name_list(foreign)}) and is not a trace folder; "
+            "save the trace to a new or empty folder"
         )
 
 
