@@ -20,6 +20,8 @@ folder is not the writer's own, and a writer refuses a folder where it finds any
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import glob
 import json
 import os
 import secrets
@@ -64,8 +66,8 @@ def temporary_name(path: Path) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write `path`'s new content to; on success it replaces `path` in one step.
 
-    If the block raises, the temporary file is removed and `path` is untouched. The parent folder must
-    exist.
+    If the block raises, the temporary file is removed and `path` is untouched. On success, temporary files
+    that killed writers of `path` left are removed too. The parent folder must exist.
     """
     path = Path(path)
     tmp = temporary_name(path)
@@ -78,6 +80,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     _fsync_folder(path.parent)
+    remove_temporaries(path.parent, glob.escape(path.name), running=False)  # what killed writers of `path` left
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -93,14 +96,28 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(TMP_SUFFIX)
 
 
-def remove_temporaries(folder: str | os.PathLike, name: str = "*") -> None:
-    """Delete the temporary files that killed writers left in `folder` for destinations matching `name` (a glob).
+def remove_temporaries(folder: str | os.PathLike, name: str = "*", *, running: bool = True) -> None:
+    """Delete the temporary files that writers left in `folder` for destinations matching `name` (a glob).
 
-    Only one writer may write a destination at a time: this also removes a running writer's temporary file.
+    With ``running=False`` those of writers still running on this machine are spared (their process id is
+    in the name); by default all go, for callers that know no other writer is at work in `folder`.
     """
-    for tmp in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
-        if tmp.is_file():
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        parts = tmp.name[1 : -len(TMP_SUFFIX)].rsplit(".", 2)  # destination, writer's pid, random part
+        if len(parts) != 3 or not parts[1].isdigit() or not fnmatch.fnmatchcase(parts[0], name):
+            continue
+        if tmp.is_file() and (running or not _is_running(int(parts[1]))):
             tmp.unlink(missing_ok=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, the call only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def foreign_entries(folder: str | os.PathLike, is_own: Callable[[str], bool]) -> list[str]:

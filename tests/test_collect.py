@@ -20,6 +20,7 @@ from dsv2viz import analysis, plots
 from dsv2viz.corpus import CollectError, CollectSettings, Corpus, collect
 from dsv2viz.corpus.documents import plan_shards
 from dsv2viz.corpus.shard import ShardRunner
+from dsv2viz.files import temporary_name
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = [
@@ -199,7 +200,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(model, corpus_files, tmp_path
     def dies_in_shard_3(self, spec):
         calls.append(spec.index)
         if spec.index == 3:  # as if killed while writing: half a temporary file, no summary
-            (out / "rows" / ".part-00003.parquet.tmp").write_bytes(b"PAR1 half written")
+            temporary_name(out / "rows" / "part-00003.parquet").write_bytes(b"PAR1 half written")
             raise KeyboardInterrupt
         return real_run(self, spec)
 

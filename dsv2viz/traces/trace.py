@@ -244,8 +244,7 @@ class Trace:
         for old in folder.iterdir():
             if _is_tensors_file(old.name) and old.name != data_name:
                 old.unlink(missing_ok=True)
-        remove_temporaries(folder, HEADER_NAME)
-        remove_temporaries(folder, "tensors*.safetensors")
+        remove_temporaries(folder, "tensors*.safetensors")  # left by killed saves (atomic_write cleared trace.json's)
         return folder
 
     @classmethod
