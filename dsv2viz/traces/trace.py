@@ -1,7 +1,7 @@
 """The Trace: everything recorded while a model read a prompt and generated from it, position by position.
 
 Tensors live in one dict keyed by name (a trace is saved as one safetensors file plus one JSON file, no
-pickle); the accessors give them meaning:
+pickle, see :meth:`Trace.save`); the accessors give them meaning:
 
     token_ids (S,)              prompt then generated tokens; S = len(trace)
     topk_idx (M, S, K) int64    routed experts per MoE layer and position, best first (M = MoE layers)
@@ -14,6 +14,13 @@ pickle); the accessors give them meaning:
     logprobs (G, V)             that whole distribution (when recorded)
     resid_norms (L + 1, S)      residual-stream norm after the embedding and after each layer
     routed_norms, shared_norms (M, S)   norms of the routed and the shared experts' outputs
+    token_bytes (N,) uint8, token_offsets (S + 1,)   every token's exact bytes: token i's are
+                                token_bytes[token_offsets[i]:token_offsets[i + 1]] (older traces lack them)
+
+A trace folder holds ``trace.json`` (token texts, config, recording, meta, and the id of its tensors
+file) and ``tensors-<id>.safetensors``; ``trace.json`` is written last and is the commit point, so a
+killed save leaves the previous trace or the new one. Version 1 folders (``tensors.safetensors``, no id)
+still load. Whatever its origin, a trace is checked whole by :func:`trace_from_parts` before use.
 """
 
 from __future__ import annotations
