@@ -291,3 +291,22 @@ def test_the_report_command_itself(tampered, tmp_path):
     assert run.returncode == 1 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("dsv2viz report: error: "), run.stderr
     assert not (tmp_path / "r.html").exists()
+
+
+def test_save_checks_the_trace_first_and_writes_nothing_it_could_not_load(tmp_path):
+    model = DeepseekV2ForCausalLM(tiny_config()).init_weights(std=0.15, seed=0).eval()
+    record = Recording(attention="last_row", attention_layers=[1], attention_heads=[0, 2])
+    trace = model.generate(list(range(3, 13)), 3, record=record).run()
+    trace.validate()  # a trace in memory gets the same checks (its recording holds tuples, not JSON lists)
+    assert Trace.load(trace.save(tmp_path / "ok")) == trace
+    nan = trace.tensors["c_kv"].clone()
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(TraceError, match="tensor 'c_kv' holds NaN or infinite values"):
+        Trace(trace.config, trace.prompt_len, trace.token_texts, {**trace.tensors, "c_kv": nan}, record).save(
+            tmp_path / "nan"
+        )
+    with pytest.raises(TraceError, match="meta cannot be saved as JSON"):
+        Trace(trace.config, trace.prompt_len, trace.token_texts, trace.tensors, record, {"x": object()}).save(
+            tmp_path / "meta"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]

@@ -40,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import _DTYPES as SAFETENSORS_DTYPES
+from ..checkpoint import _is_int
 from ..config import ConfigError, DeepseekV2Config
 from ..files import atomic_path, atomic_write, foreign_entries, name_list, read_json, remove_temporaries
 from .recording import Recording
@@ -265,7 +266,7 @@ class Trace:
         head_path = folder / HEADER_NAME
         if not head_path.is_file():
             raise TraceError(f"{folder}: no {HEADER_NAME}; not a trace folder (Trace.save writes one)")
-        header = read_json(head_path, max_bytes=MAX_HEADER_BYTES, error=TraceError)
+        header = read_json(head_path, error=TraceError)
         try:
             data_name = _data_name(header)
         except TraceError as e:
@@ -312,8 +313,6 @@ class Trace:
 HEADER_NAME = "trace.json"
 V1_TENSORS_NAME = "tensors.safetensors"  # version 1: one fixed name, no id
 ID_BYTES = 8
-#: trace.json holds every token's text and the config: a few MB for the longest context.
-MAX_HEADER_BYTES = 64 * 2**20
 _ID = re.compile(f"[0-9a-f]{{{2 * ID_BYTES}}}")
 
 #: Largest number of elements checked at once for finite values (bounds the temporary mask).
@@ -340,7 +339,7 @@ def check_trace_folder(folder: str | os.PathLike) -> None:
     if folder.exists() and not folder.is_dir():
         raise TraceError(f"{folder} is a file; save the trace to a folder")
     if is_trace_folder(folder):
-        header = read_json(folder / HEADER_NAME, max_bytes=MAX_HEADER_BYTES, error=TraceError)
+        header = read_json(folder / HEADER_NAME, error=TraceError)
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise TraceError(
                 f"{folder / HEADER_NAME} is not a dsv2viz trace's; save the trace to a new or empty folder"
@@ -357,7 +356,7 @@ def check_trace_folder(folder: str | os.PathLike) -> None:
 def _check_format(header: Any) -> None:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise TraceError(f"not a dsv2viz trace (no format: {FORMAT!r} marker)")
-    if header.get("version") not in (1, VERSION):
+    if not _is_int(header.get("version")) or header["version"] not in (1, VERSION):
         raise TraceError(f"trace format version {header.get('version')!r}: this dsv2viz reads versions 1 to {VERSION}")
 
 
@@ -410,10 +409,6 @@ def trace_from_parts(header: dict[str, Any], tensors: Mapping[str, torch.Tensor]
     return Trace(config, P, list(header["token_texts"]), dict(tensors), recording, meta)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _names(names: Any) -> str:
     names = list(names) if isinstance(names, (list, Mapping)) else names
     return repr(names) if not isinstance(names, list) or len(names) <= 6 else f"{names[:6]} and {len(names) - 6} more"
@@ -460,11 +455,11 @@ def _recording(raw: Any, config: DeepseekV2Config) -> Recording:
     return recording
 
 
-_RECORDING_TYPES = {  # Recording's field annotations -> the JSON values they accept
+_RECORDING_TYPES = {  # Recording's field annotations -> the values they accept (from JSON, or in memory)
     "bool": lambda v: isinstance(v, bool),
     "int": _is_int,
     "AttentionMode": lambda v: isinstance(v, str),
-    "Sequence[int] | None": lambda v: v is None or (isinstance(v, list) and all(map(_is_int, v))),
+    "Sequence[int] | None": lambda v: v is None or (isinstance(v, (list, tuple)) and all(map(_is_int, v))),
 }
 
 _INT = (torch.int64,)
