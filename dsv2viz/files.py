@@ -76,9 +76,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:  # the writer may not have flushed to disk: a rename must not outrun the data
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        raise
     _fsync_folder(path.parent)
     remove_temporaries(path.parent, glob.escape(path.name), running=False)  # what killed writers of `path` left
 
