@@ -162,10 +162,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .html_report import report
+    from .html_report import check_report_path, report
     from .loading import load
     from .traces import Trace
 
+    check_report_path(args.output)  # before the trace and the model are read
     trace = Trace.load(args.trace)
     model = load(args.model, progress=False) if args.model else None
     print(f"report written to {visible_controls(str(report(trace, args.output, model=model)))}")
@@ -174,9 +175,12 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .loading import load
     from .random_checkpoint import write_random_checkpoint
+    from .traces.trace import check_trace_folder
 
+    if args.trace:
+        check_trace_folder(args.trace)  # before the generation it would hold
     folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dsv2viz-random-"))
-    write_random_checkpoint(folder)
+    write_random_checkpoint(folder)  # refuses a folder that is not empty and not an earlier demo's
     model = load(folder, device="cpu", dtype=torch.float32, progress=False)
     layers = model.config.moe_layers
     print(
@@ -279,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--model", help="checkpoint folder, to add the logit lens")
     rep.set_defaults(run=cmd_report)
     demo = sub.add_parser("demo", help="write a random-weight checkpoint and show its routing")
-    demo.add_argument("--out", help="folder for the checkpoint (default: a new temporary folder)")
+    demo.add_argument(
+        "--out",
+        help="folder for the checkpoint: new, empty or an earlier demo's (default: a new temporary folder)",
+    )
     demo.add_argument("--prompt", default="def fibonacci(n):")
     demo.add_argument("--tokens", type=int, default=16, help="how many tokens to generate")
     demo.add_argument("--trace", help="save the recorded trace to this folder")

@@ -8,16 +8,24 @@ Everything dsv2viz writes goes through :func:`atomic_path` or :func:`atomic_writ
 written under a temporary name in the destination's folder, flushed to disk, then renamed over the
 destination in one step (``os.replace``). A reader, or a process killed mid-write, sees either the old
 file or the new one, never half of it; the temporary file of a killed writer is left under a name that
-starts with ``.`` and ends with ``.tmp``, which readers ignore.
+starts with ``.`` and ends with ``.tmp``, which readers ignore and :func:`remove_temporaries` clears.
+
+A write of several files (a trace, a collection) is made whole the same way: each file is written
+atomically and one small file written last (the commit point) says which of them belong together.
+
+Writers never write into a folder the user did not give them: :func:`foreign_entries` lists what in a
+folder is not the writer's own, and a writer refuses a folder where it finds anything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import glob
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +53,8 @@ def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES, error
         raise error(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise error(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:  # a number past Python's limit on integer digits
+        raise error(f"{path}: not readable JSON ({e})") from None
 
 
 def temporary_name(path: Path) -> Path:
@@ -56,8 +66,8 @@ def temporary_name(path: Path) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write `path`'s new content to; on success it replaces `path` in one step.
 
-    If the block raises, the temporary file is removed and `path` is untouched. The parent folder must
-    exist.
+    If the block raises, the temporary file is removed and `path` is untouched. On success, temporary files
+    that killed writers of `path` left are removed too. The parent folder must exist.
     """
     path = Path(path)
     tmp = temporary_name(path)
@@ -66,10 +76,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:  # the writer may not have flushed to disk: a rename must not outrun the data
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        raise
     _fsync_folder(path.parent)
+    remove_temporaries(path.parent, glob.escape(path.name), running=False)  # what killed writers of `path` left
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -78,6 +90,49 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return path
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one :func:`temporary_name` gives (a write in progress, or a killed one's leftover)."""
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def remove_temporaries(folder: str | os.PathLike, name: str = "*", *, running: bool = True) -> None:
+    """Delete the temporary files that writers left in `folder` for destinations matching `name` (a glob).
+
+    With ``running=False`` those of writers still running on this machine are spared (their process id is
+    in the name); by default all go, for callers that know no other writer is at work in `folder`.
+    """
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        parts = tmp.name[1 : -len(TMP_SUFFIX)].rsplit(".", 2)  # destination, writer's pid, random part
+        if len(parts) != 3 or not parts[1].isdigit() or not fnmatch.fnmatchcase(parts[0], name):
+            continue
+        if tmp.is_file() and (running or not _is_running(int(parts[1]))):
+            tmp.unlink(missing_ok=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, the call only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def foreign_entries(folder: str | os.PathLike, is_own: Callable[[str], bool]) -> list[str]:
+    """Names in `folder` (sorted) that are neither the writer's own (`is_own`) nor temporary files; [] if absent."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not (is_own(p.name) or is_temporary(p.name)))
+
+
+def name_list(names: list[str], limit: int = 3) -> str:
+    """Names for a message: the first `limit` of them, then how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _fsync_folder(folder: Path) -> None:

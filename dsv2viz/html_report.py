@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 import plotly.graph_objects as go
 
 from . import analysis, plots
+from .files import atomic_write
 from .traces import Trace, TraceError
+from .traces.trace import is_trace_folder
 
 if TYPE_CHECKING:
     from .model import DeepseekV2ForCausalLM
@@ -34,11 +36,28 @@ class Section:
 def report(
     trace: Trace, path: str | os.PathLike, *, model: DeepseekV2ForCausalLM | None = None, title: str | None = None
 ) -> Path:
-    """Write the report of `trace` to `path` (an .html file); `model` adds the logit lens. Returns the path."""
-    path = Path(path)
+    """Write the report of `trace` to `path` (an .html file); `model` adds the logit lens. Returns the path.
+
+    The file is written whole or not at all (an existing report is replaced only once the new one is
+    complete); a path inside a trace folder is refused (see :func:`check_report_path`).
+    """
+    path = check_report_path(path)
     sections = build_sections(trace, model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(trace, sections, title or "dsv2viz trace report"), encoding="utf-8")
+    return atomic_write(path, render(trace, sections, title or "dsv2viz trace report"))
+
+
+def check_report_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or ValueError when it is a folder or lies inside a trace folder (where it could
+    replace the trace's own files): callers check it before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name the .html file to write, e.g. {path / 'report.html'}")
+    if is_trace_folder(path.parent):
+        raise ValueError(
+            f"{path} is inside the trace folder {path.parent}; write the report outside it, "
+            f"e.g. {path.parent.with_name(path.parent.name + '.html')}"
+        )
     return path
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import DeepseekV2Config, YarnRope
+from .files import atomic_path, atomic_write, foreign_entries, name_list, read_json
 from .model import DeepseekV2ForCausalLM
 from .tokenizer import DEEPSEEK_BOS, DEEPSEEK_EOS, byte_level_bpe, write_tokenizer_files
 
@@ -43,6 +44,12 @@ TINY_CONFIG = DeepseekV2Config(
 )
 
 
+#: The files of a checkpoint written here, in writing order: config.json first (a random one carries RANDOM_MARK).
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+#: In a random checkpoint's config.json: write_random_checkpoint may replace this folder's files.
+RANDOM_MARK = {"dsv2viz": "random checkpoint"}
+
+
 def write_random_checkpoint(
     folder: str | os.PathLike,
     config: DeepseekV2Config = TINY_CONFIG,
@@ -54,25 +61,71 @@ def write_random_checkpoint(
     """Write config.json, model.safetensors and a byte-level tokenizer into `folder`; returns the folder.
 
     The tokenizer has the 256 byte tokens then BOS and EOS, so `config` must have vocab_size >= 258
-    and bos/eos ids 256/257 (TINY_CONFIG does).
+    and bos/eos ids 256/257 (TINY_CONFIG does). `folder` must be new, empty, or a random checkpoint of
+    the same config written here before (its weights are then replaced, whole or not at all: the other
+    files are the same); anything else raises FileExistsError before a file is written.
     """
     if (config.bos_token_id, config.eos_token_id) != (256, 257) or config.vocab_size < 258:
         raise ValueError("a random checkpoint's byte-level tokenizer needs vocab_size >= 258 and bos/eos ids 256/257")
+    folder = Path(folder)
+    check_random_checkpoint_folder(folder, config)
     model = DeepseekV2ForCausalLM(config).init_weights(std=std, seed=seed)
     tokenizer = byte_level_bpe(None, vocab_size=258, bos_token=DEEPSEEK_BOS, eos_token=DEEPSEEK_EOS)
-    return write_checkpoint(folder, model, tokenizer, dtype=dtype)
+    return write_checkpoint(folder, model, tokenizer, dtype=dtype, config_extra=RANDOM_MARK)
+
+
+def check_random_checkpoint_folder(folder: Path, config: DeepseekV2Config) -> None:
+    """Raise FileExistsError unless write_random_checkpoint may write `config` into `folder`."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; give a folder for the checkpoint")
+    foreign = foreign_entries(folder, CHECKPOINT_FILES.__contains__)
+    if foreign:
+        raise FileExistsError(
+            f"{folder} is not empty ({name_list(foreign)}) and holds no random checkpoint; choose a new or empty folder"
+        )
+    if not any((folder / name).exists() for name in CHECKPOINT_FILES):
+        return
+    try:
+        written = read_json(folder / "config.json")
+    except (FileNotFoundError, ValueError):
+        written = None
+    if not isinstance(written, dict) or any(written.get(k) != v for k, v in RANDOM_MARK.items()):
+        raise FileExistsError(
+            f"{folder} holds a checkpoint that is not a dsv2viz random checkpoint; it is never overwritten: "
+            "choose a new or empty folder"
+        )
+    if written != _config_json(config, RANDOM_MARK):
+        raise FileExistsError(
+            f"{folder} holds a random checkpoint of another config, whose files cannot all be replaced at once; "
+            "choose a new or empty folder"
+        )
 
 
 def write_checkpoint(
-    folder: str | os.PathLike, model: DeepseekV2ForCausalLM, tokenizer: tokenizers.Tokenizer, *, dtype: torch.dtype
+    folder: str | os.PathLike,
+    model: DeepseekV2ForCausalLM,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    dtype: torch.dtype,
+    config_extra: dict[str, str] | None = None,
 ) -> Path:
-    """Save `model` and `tokenizer` in the official checkpoint's layout, weights in `dtype`; returns the folder."""
+    """Save `model` and `tokenizer` in the official checkpoint's layout, weights in `dtype`; returns the folder.
+
+    Each file is written whole or not at all, in the order of CHECKPOINT_FILES; `config_extra` adds keys
+    to config.json (readers ignore keys they do not know).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    atomic_write(folder / "config.json", json.dumps(_config_json(model.config, config_extra), indent=2) + "\n")
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
     write_tokenizer_files(folder, tokenizer, bos_token=DEEPSEEK_BOS, eos_token=DEEPSEEK_EOS)
     return folder
+
+
+def _config_json(config: DeepseekV2Config, extra: dict[str, str] | None) -> dict:
+    """config.json's content, as written and as read back."""
+    return json.loads(json.dumps({**config.to_dict(), **(extra or {})}))

@@ -32,6 +32,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .files import atomic_path, atomic_write
 from .text import TextStream, decode, label
 
 DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
@@ -318,11 +319,13 @@ def write_tokenizer_files(
 ) -> None:
     """Write ``tokenizer.json`` and a ``tokenizer_config.json`` shaped like DeepSeek's official one.
 
-    Without `chat_template` the config has none, and readers fall back to DeepSeek-V2's format.
+    Without `chat_template` the config has none, and readers fall back to DeepSeek-V2's format. Each
+    file is written whole or not at all.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
+    with atomic_path(folder / "tokenizer.json") as tmp:
+        tokenizer.save(str(tmp))
 
     def added(content: str) -> dict:
         return {
@@ -344,6 +347,4 @@ def write_tokenizer_files(
     }
     if chat_template is not None:
         cfg["chat_template"] = chat_template
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    atomic_write(folder / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

@@ -294,3 +294,42 @@ def test_peak_rss_is_about_checkpoint_size(tmp_path: Path) -> None:
     nbytes, got_checksum = int(printed.split()[0]), float(printed.split()[1])
     assert nbytes == total and got_checksum == pytest.approx(checksum)
     assert 0.9 * total < growth < 1.2 * total, f"peak RSS grew {growth / total:.2f}x the checkpoint"
+
+
+def test_fingerprint_tells_weights_apart_by_sampled_bytes_not_by_folder(tmp_path: Path) -> None:
+    from dsv2viz.checkpoint import FINGERPRINT_EDGE_BYTES, checkpoint_fingerprint, tensors_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    sizes = {
+        "a.head": 3 * FINGERPRINT_EDGE_BYTES,
+        "b.mid": 3 * FINGERPRINT_EDGE_BYTES,
+        "c.tail": 3 * FINGERPRINT_EDGE_BYTES,
+    }
+    tensors = {k: torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8) for k, n in sizes.items()}
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    for folder in (first, copy):
+        folder.mkdir()
+        save_file(tensors, folder / "model.safetensors")
+    assert checkpoint_fingerprint(copy) == checkpoint_fingerprint(first)  # another folder, the same weights
+    entry = open_checkpoint(copy)._entries["b.mid"]  # far from both ends of the file's data
+
+    def flipped(offset: int) -> str:
+        path = copy / "model.safetensors"
+        data = bytearray(path.read_bytes())
+        data[entry.start + offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+        try:
+            return checkpoint_fingerprint(copy)
+        finally:
+            data[entry.start + offset] ^= 0xFF
+            path.write_bytes(bytes(data))
+
+    assert flipped(entry.nbytes // 2) != checkpoint_fingerprint(first)  # its middle is sampled
+    assert flipped(10) == checkpoint_fingerprint(first)  # a sample, not a full hash: the rest is not read
+    save_file({**tensors, "b.mid": tensors["b.mid"][:-1]}, copy / "model.safetensors")
+    assert checkpoint_fingerprint(copy) != checkpoint_fingerprint(first)  # the header (shapes) is hashed whole
+    # weights in memory: the same tensors give the same hash, one changed value in the middle another
+    same = {k: v.clone() for k, v in tensors.items()}
+    assert tensors_fingerprint(tensors.items()) == tensors_fingerprint(same.items())
+    same["b.mid"][len(same["b.mid"]) // 2] += 1
+    assert tensors_fingerprint(tensors.items()) != tensors_fingerprint(same.items())

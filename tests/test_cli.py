@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from dsv2viz import DEEPSEEK_V2_LITE
@@ -77,3 +78,55 @@ def test_demo_streams_and_saves_a_trace(tmp_path, capsys):
         first_row_experts == trace.routing_df().query(f"position == {trace.prompt_len} and rank == 0").expert.tolist()
     )
     assert trace.text.startswith("<｜begin▁of▁sentence｜>def fibonacci(n):")
+
+
+def one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"dsv2viz {command}: error: "), err
+    return err
+
+
+def test_demo_refuses_a_folder_that_is_not_an_earlier_demos(tmp_path, capsys):
+    from dsv2viz.model import DeepseekV2ForCausalLM
+    from dsv2viz.random_checkpoint import TINY_CONFIG, write_checkpoint
+    from dsv2viz.tokenizer import DEEPSEEK_BOS, DEEPSEEK_EOS, byte_level_bpe
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "thesis.tex").write_text("keep me")
+    assert main(["demo", "--out", str(busy), "--tokens", "1"]) == 1
+    assert "is not empty (thesis.tex) and holds no random checkpoint" in one_error_line(capsys, "demo")
+    assert [p.name for p in busy.iterdir()] == ["thesis.tex"]
+    # a checkpoint dsv2viz did not write at random, with exactly the files a demo writes: its weights stay
+    real = tmp_path / "real"
+    tokenizer = byte_level_bpe(None, vocab_size=258, bos_token=DEEPSEEK_BOS, eos_token=DEEPSEEK_EOS)
+    write_checkpoint(real, DeepseekV2ForCausalLM(TINY_CONFIG).init_weights(seed=3), tokenizer, dtype=torch.bfloat16)
+    before = {p.name: p.read_bytes() for p in real.iterdir()}
+    assert main(["demo", "--out", str(real), "--tokens", "1"]) == 1
+    assert "is not a dsv2viz random checkpoint; it is never overwritten" in one_error_line(capsys, "demo")
+    assert {p.name: p.read_bytes() for p in real.iterdir()} == before
+    # an earlier demo's folder is rewritten with the same files
+    demo = tmp_path / "demo"
+    assert main(["demo", "--out", str(demo), "--tokens", "1"]) == 0
+    first = {p.name: p.read_bytes() for p in demo.iterdir()}
+    assert main(["demo", "--out", str(demo), "--tokens", "1"]) == 0
+    assert {p.name: p.read_bytes() for p in demo.iterdir()} == first
+    assert sorted(first) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_report_refuses_a_path_inside_a_trace_folder(tmp_path, capsys):
+    from dsv2viz import Trace
+
+    assert main(["demo", "--out", str(tmp_path / "m"), "--tokens", "2", "--trace", str(tmp_path / "t")]) == 0
+    capsys.readouterr()
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir()}
+    for target in ("trace.json", "report.html"):
+        assert main(["report", str(tmp_path / "t"), "-o", str(tmp_path / "t" / target)]) == 1
+        message = one_error_line(capsys, "report")
+        assert f"is inside the trace folder {tmp_path / 't'}; write the report outside it" in message
+    assert main(["report", str(tmp_path / "t"), "-o", str(tmp_path)]) == 1
+    assert "is a folder; name the .html file to write" in one_error_line(capsys, "report")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir()} == saved
+    Trace.load(tmp_path / "t")
+    assert main(["report", str(tmp_path / "t"), "-o", str(tmp_path / "t.html")]) == 0
+    assert (tmp_path / "t.html").read_text(encoding="utf-8").endswith("</html>\n")

@@ -20,6 +20,7 @@ from dsv2viz import analysis, plots
 from dsv2viz.corpus import CollectError, CollectSettings, Corpus, collect
 from dsv2viz.corpus.documents import plan_shards
 from dsv2viz.corpus.shard import ShardRunner
+from dsv2viz.files import temporary_name
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = [
@@ -199,7 +200,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(model, corpus_files, tmp_path
     def dies_in_shard_3(self, spec):
         calls.append(spec.index)
         if spec.index == 3:  # as if killed while writing: half a temporary file, no summary
-            (out / "rows" / ".part-00003.parquet.tmp").write_bytes(b"PAR1 half written")
+            temporary_name(out / "rows" / "part-00003.parquet").write_bytes(b"PAR1 half written")
             raise KeyboardInterrupt
         return real_run(self, spec)
 
@@ -268,7 +269,7 @@ def test_inputs_and_outputs_that_cannot_work_fail_before_any_work(model, corpus_
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "thesis.tex").write_text("keep me")
-    with pytest.raises(CollectError, match="not empty and holds no collection"):
+    with pytest.raises(CollectError, match=r"is not empty \(thesis.tex\) and holds no collection"):
         collect(corpus_files, busy, model=model)
     assert (busy / "thesis.tex").read_text() == "keep me" and len(list(busy.iterdir())) == 1
     collect(corpus_files, tmp_path / "o4", model=model, docs_per_shard=4, progress=False)
@@ -345,3 +346,53 @@ def test_ray_missing_is_said_before_anything_is_written(corpus_files, tmp_path, 
     with pytest.raises(CollectError, match=r"Ray is not installed: pip install 'dsv2viz\[ray\]'"):
         collect(corpus_files, tmp_path / "out", ray=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    path = tmp_path / "in" / "docs.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"text": t[:300]}) + "\n" for t in texts()[:3]))
+    return [path]
+
+
+def test_a_resume_with_other_weights_of_the_same_config_is_refused(small_corpus, tmp_path, monkeypatch):
+    from dsv2viz.random_checkpoint import write_random_checkpoint
+
+    a = write_random_checkpoint(tmp_path / "a", seed=0)
+    b = write_random_checkpoint(tmp_path / "b", seed=1)
+    assert (a / "config.json").read_bytes() == (b / "config.json").read_bytes()
+    out = tmp_path / "out"
+    first = collect(small_corpus, out, model=a, docs_per_shard=1, progress=False)
+    manifest = (out / "manifest.json").read_bytes()
+    with pytest.raises(CollectError, match=rf"{out} was collected with other weights \(fingerprint [0-9a-f]{{12}}"):
+        collect(small_corpus, out, model=b, docs_per_shard=1, progress=False)
+    # the same checkpoint replaced in place, at the same path
+    write_random_checkpoint(a, seed=1)
+    with pytest.raises(CollectError, match="was collected with other weights"):
+        collect(small_corpus, out, model=a, docs_per_shard=1, progress=False)
+    assert (out / "manifest.json").read_bytes() == manifest
+    # the first weights moved to another folder are the same job: nothing reruns
+    moved = write_random_checkpoint(tmp_path / "moved", seed=0)
+    monkeypatch.setattr(ShardRunner, "run", lambda self, spec: pytest.fail("a finished shard was rerun"))
+    assert collect(small_corpus, out, model=moved, docs_per_shard=1, progress=False).stats == first.stats
+
+
+def test_an_output_folder_inside_an_input_folder_is_refused(small_corpus, tmp_path, model):
+    inputs = small_corpus[0].parent
+    for out in (inputs / "out", inputs):
+        with pytest.raises(CollectError, match=rf"the output folder {out} is inside the input folder {inputs}"):
+            collect([inputs], out, model=model)
+    with pytest.raises(CollectError, match=rf"the input {small_corpus[0]} is inside the output folder {inputs}"):
+        collect(small_corpus, inputs, model=model)
+    assert sorted(p.name for p in inputs.iterdir()) == ["docs.jsonl"]  # nothing written
+
+
+def test_rerunning_a_finished_collection_rewrites_nothing(model, small_corpus, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    collect(small_corpus, out, model=model, progress=False)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(ShardRunner, "run", lambda self, spec: pytest.fail("a finished shard was rerun"))
+    again = collect(small_corpus, out, model=model, progress=False)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
+    assert again.manifest["complete"] and again.stats == Corpus.open(out).stats

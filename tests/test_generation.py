@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from dsv2viz import interventions as iv
 from dsv2viz.traces import Recording, Trace, TraceBudgetError, TraceError
@@ -185,6 +187,51 @@ def test_save_and_load_round_trip(tiny_model, tmp_path):
     torch.testing.assert_close(again.attention(1, 2).pattern, trace.attention(1, 2).pattern, atol=0, rtol=0)
 
 
+def test_version_1_traces_still_load_and_are_resaved_in_version_2(tiny_model, tmp_path):
+    trace = tiny_model().generate(PROMPT, 4, record=FULL).run()
+    old = tmp_path / "v1"  # the layout before ids: tensors.safetensors and a trace.json without an id
+    old.mkdir()
+    save_file({k: v.contiguous() for k, v in trace.tensors.items()}, old / "tensors.safetensors")
+    header = {
+        "format": "dsv2viz-trace",
+        "version": 1,
+        "prompt_len": trace.prompt_len,
+        "token_texts": trace.token_texts,
+        "config": trace.config.to_dict(),
+        "recording": dataclasses.asdict(trace.recording),
+        "meta": trace.meta,
+        "tensors": sorted(trace.tensors),
+    }
+    (old / "trace.json").write_text(json.dumps(header))
+    assert Trace.load(old) == trace
+    Trace.load(old).save(old)
+    (data,) = old.glob("tensors-*.safetensors")
+    assert sorted(p.name for p in old.iterdir()) == [data.name, "trace.json"]  # the version 1 file is gone
+    assert json.loads((old / "trace.json").read_text())["version"] == 2 and Trace.load(old) == trace
+
+
+def test_save_refuses_a_folder_that_is_not_a_trace_folder(tiny_model, tmp_path):
+    trace = tiny_model().generate(PROMPT, 2).run()
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(TraceError, match=rf"{tmp_path} is not empty \(notes.txt\) and is not a trace folder"):
+        trace.save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "trace.json").write_text('{"format": "another-tool"}')
+    with pytest.raises(TraceError, match="is not a dsv2viz trace's"):
+        trace.save(tmp_path / "other")
+    with pytest.raises(TraceError, match="is a file"):
+        trace.save(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    # a trace folder is replaced; what the user keeps beside the trace stays
+    folder = trace.save(tmp_path / "t")
+    (folder / "README").write_text("my notes")
+    longer = tiny_model().generate(PROMPT, 5).run()
+    longer.save(folder)
+    assert Trace.load(folder) == longer and (folder / "README").read_text() == "my notes"
+    assert len(list(folder.glob("tensors-*.safetensors"))) == 1
+
+
 def test_foreign_and_damaged_trace_folders(tiny_model, tmp_path):
     with pytest.raises(TraceError, match=r"no trace.json"):
         Trace.load(tmp_path)
@@ -192,9 +239,9 @@ def test_foreign_and_damaged_trace_folders(tiny_model, tmp_path):
     with pytest.raises(TraceError, match="not a dsv2viz trace"):
         Trace.load(tmp_path)
     folder = tiny_model().generate(PROMPT, 3).run().save(tmp_path / "t")
-    data = folder / "tensors.safetensors"
+    (data,) = folder.glob("tensors-*.safetensors")
     data.write_bytes(data.read_bytes()[:-50])
-    with pytest.raises(TraceError, match=r"tensors.safetensors: damaged"):
+    with pytest.raises(TraceError, match=r"tensors-[0-9a-f]{16}.safetensors: damaged"):
         Trace.load(folder)
     (folder / "trace.json").write_text("{broken")
     with pytest.raises(TraceError, match="not valid JSON"):

@@ -441,9 +441,19 @@ def test_save_image_without_a_browser_says_what_to_install(tmp_path, monkeypatch
     def no_chrome(self, *args, **kwargs):
         raise RuntimeError("Kaleido requires Google Chrome to be installed.")
 
-    monkeypatch.setattr(go.Figure, "write_image", no_chrome)
+    monkeypatch.setattr(go.Figure, "to_image", no_chrome)
+    (tmp_path / "norms.svg").write_text("<svg>the previous image</svg>")
     with pytest.raises(RuntimeError, match=r"pip install kaleido[\s\S]*Google Chrome"):
         plots.save_image(plots.latent_norms(trace), tmp_path / "norms.svg")
+    assert [p.name for p in tmp_path.iterdir()] == ["norms.svg"]  # the old image stays whole, no leftover
+    assert (tmp_path / "norms.svg").read_text() == "<svg>the previous image</svg>"
+
+
+def test_save_image_writes_what_the_renderer_returned(tmp_path, monkeypatch, trace):
+    monkeypatch.setitem(sys.modules, "kaleido", types.ModuleType("kaleido"))
+    monkeypatch.setattr(go.Figure, "to_image", lambda self, format, scale: f"{format} at {scale}x".encode())
+    path = plots.save_image(plots.latent_norms(trace), tmp_path / "a" / "norms.png", scale=3)
+    assert path.read_bytes() == b"png at 3x" and [p.name for p in path.parent.iterdir()] == ["norms.png"]
 
 
 def test_latent_spectrum_of_one_layer(trace):

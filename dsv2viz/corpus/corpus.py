@@ -18,12 +18,13 @@ import pandas as pd
 import pyarrow.dataset as pads
 
 from ..config import DeepseekV2Config
+from ..files import read_json
 from .documents import CollectError
 from .shard import row_arrays
 from .stats import RoutingStats
 
 FORMAT = "dsv2viz-collection"
-VERSION = 1
+VERSION = 2  # 2: the manifest holds the weights' fingerprint (version 1 collections still open, but do not resume)
 
 
 class Corpus:
@@ -41,8 +42,8 @@ class Corpus:
         path = folder / "manifest.json"
         if not path.exists():
             raise CollectError(f"{folder}: no manifest.json; this is not a folder written by dsv2viz collect")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT:
+        manifest = read_json(path, error=CollectError)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CollectError(f"{folder}: manifest.json is not a dsv2viz collection's")
         if not manifest.get("complete"):
             raise CollectError(f"{folder}: the collection is unfinished; rerun the same collect command to finish it")

@@ -2,7 +2,8 @@
 
 Output folder::
 
-    manifest.json                 the job (model, dtype, settings, inputs, shard plan) and, when complete, totals
+    manifest.json                 the job (model and its weights' fingerprint, dtype, settings, inputs, shard
+                                  plan) and, when complete, totals
     rows/part-NNNNN.parquet       per-token routing, one row per (document, position, MoE layer)
     shards/NNNNN.*                each shard's statistics and summary (see dsv2viz.corpus.shard)
     stats.safetensors             merged RoutingStats; stats.token_experts.parquet with token texts
@@ -10,7 +11,14 @@ Output folder::
     skipped.jsonl                 every skipped document and why
 
 Rerunning the same command resumes: shards whose summary exists are skipped, the others rerun, and the
-merge is redone from all shards in order, so the result equals an uninterrupted run's.
+merge is redone from all shards in order, so the result equals an uninterrupted run's. Only the same job
+resumes: the same model config and weights (by :func:`dsv2viz.checkpoint.checkpoint_fingerprint`, so a
+checkpoint replaced in place is noticed), dtype, device type, settings and inputs.
+
+Every file is written whole or not at all (dsv2viz.files), and manifest.json is the commit point: the
+merged files are written only while it says the collection is incomplete, and it says complete only once
+they all are, so a run killed at any point leaves a folder that either opens whole or asks to be resumed.
+The output folder may not lie inside an input folder (its Parquet files would be read back as documents).
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint import checkpoint_fingerprint, tensors_fingerprint
 from ..config import DeepseekV2Config
-from ..loading import DEMO_MODEL, default_dtype, load
+from ..files import atomic_path, atomic_write, foreign_entries, name_list, read_json, remove_temporaries
+from ..loading import DEMO_MODEL, default_device, default_dtype, load
 from ..model import DeepseekV2ForCausalLM
 from ..text import visible_controls
 from ..tokenizer import Tokenizer
@@ -72,41 +82,50 @@ def collect(
     """
     settings = dataclasses.replace(settings or CollectSettings(), **options)
     out = Path(out)
+    _check_apart(inputs, out)
     if ray:
         from .ray_backend import require_ray
 
         require_ray()  # before anything is written
     files, specs = plan_shards(inputs, settings.docs_per_shard, settings.text_field)
-    if ray:
-        if isinstance(model, DeepseekV2ForCausalLM):
+    if isinstance(model, DeepseekV2ForCausalLM):
+        if ray:
             raise CollectError(
                 "with ray=True pass the checkpoint folder, not a loaded model: each worker loads its own copy"
             )
+        folder, config, device_type, dtype = None, model.config, model.device.type, model.dtype
+        weights = tensors_fingerprint(model.state_dict().items())
+    else:  # a folder: checked against the output folder before its weights are loaded
         folder = Path(model or DEMO_MODEL).expanduser()
-        config = DeepseekV2Config.from_json(folder)
-        device_type = "cuda" if gpus_per_worker or (gpus_per_worker is None and _cluster_gpus(ray_address)) else "cpu"
+        config, weights = DeepseekV2Config.from_json(folder), checkpoint_fingerprint(folder)
+        if ray:
+            device_type = (
+                "cuda" if gpus_per_worker or (gpus_per_worker is None and _cluster_gpus(ray_address)) else "cpu"
+            )
+        else:
+            device_type = (torch.device(device) if device is not None else default_device()).type
         dtype = dtype or default_dtype(torch.device(device_type))
-        loaded = None
-    else:
-        loaded = (
-            model
-            if isinstance(model, DeepseekV2ForCausalLM)
-            else load(model, device=device, dtype=dtype, progress=progress)
-        )
-        folder = None if isinstance(model, DeepseekV2ForCausalLM) else Path(model or DEMO_MODEL).expanduser()
-        config, device_type, dtype = loaded.config, loaded.device.type, loaded.dtype
     job = {
         "format": FORMAT,
         "version": VERSION,
         "model": {"path": str(folder) if folder else None, "config": config.to_dict()},
+        "weights": weights,
         "dtype": str(dtype).removeprefix("torch."),
         "device": device_type,
         "settings": dataclasses.asdict(settings),
         "files": [dataclasses.asdict(f) for f in files],
         "shards": [s.to_dict() for s in specs],
     }
-    _start(out, job)
+    complete = _start(out, job)
     todo = [s for s in specs if not (out / "shards" / f"{s.name}.json").exists()]
+    if complete and not todo:
+        return Corpus.open(out)
+    if complete:  # a shard's summary was removed: the merged files are about to be rewritten
+        _write_manifest(out, {**job, "complete": False})
+    if isinstance(model, DeepseekV2ForCausalLM):
+        loaded = model
+    else:  # Ray workers load their own copies
+        loaded = None if ray else load(folder, device=device, dtype=dtype, progress=progress)
     bar = tqdm(
         unit="tok",
         unit_scale=True,
@@ -185,40 +204,79 @@ def _in_process(
         torch.set_num_threads(before)
 
 
-def _start(out: Path, job: dict) -> None:
-    """Write the manifest of a new job, or check that `out` holds this same job (then it is resumed)."""
+def _check_apart(inputs: Sequence[str | os.PathLike], out: Path) -> None:
+    """Refuse an output folder inside an input folder, or an input inside the output folder: the collection's
+    own Parquet files would be read as documents on the next run."""
+    where = out.resolve()
+    for given in inputs:
+        path = Path(given).resolve()
+        if path.is_dir() and (where == path or path in where.parents):
+            raise CollectError(
+                f"the output folder {out} is inside the input folder {given}, whose files would then include the "
+                "collection's own; choose an output folder outside the inputs"
+            )
+        if where in path.parents:
+            raise CollectError(
+                f"the input {given} is inside the output folder {out}; move it out, or collect elsewhere"
+            )
+
+
+def _start(out: Path, job: dict) -> bool:
+    """Write the manifest of a new job, or check that `out` holds this same job (then it is resumed).
+
+    Returns whether the collection in `out` is complete.
+    """
     manifest = out / "manifest.json"
     if manifest.exists():
-        try:
-            old = json.loads(manifest.read_text())
-        except json.JSONDecodeError as e:
+        old = read_json(manifest, error=CollectError)
+        if not isinstance(old, dict) or old.get("format") != FORMAT:
+            raise CollectError(f"{manifest} is not a dsv2viz collection's; choose another output folder")
+        if old.get("version") != VERSION:
             raise CollectError(
-                f"{manifest} is not valid JSON ({e}); delete {out} or choose another output folder"
-            ) from None
-        differ = [k for k in job if old.get(k) != job[k]]
+                f"{out} was collected by another version of dsv2viz (collection format {old.get('version')!r}, "
+                f"this one writes {VERSION}); collect into a new folder"
+            )
+        if old.get("weights") != job["weights"]:
+            raise CollectError(
+                f"{out} was collected with other weights (fingerprint {str(old.get('weights'))[:12]}, these are "
+                f"{job['weights'][:12]}): resume with the same checkpoint, or choose another output folder"
+            )
+        old_model = old.get("model")
+        same_config = isinstance(old_model, dict) and old_model.get("config") == job["model"]["config"]
+        differ = [] if same_config else ["model config"]
+        differ += [k for k in job if k not in ("model", "weights") and old.get(k) != job[k]]
         if differ:
             raise CollectError(
                 f"{out} holds a collection made with other {', '.join(differ)}; rerun with the same model, inputs "
                 "and settings to resume it, or choose another output folder"
             )
-        for stale in [*out.glob("rows/.*.tmp"), *out.glob("shards/.*.tmp"), *out.glob("shards/.*.tmp/*")]:
-            if stale.is_file():
-                stale.unlink()  # left by an interrupted run; its shard has no summary and reruns
-        return
-    if out.exists() and any(out.iterdir()):
-        raise CollectError(f"{out} is not empty and holds no collection (manifest.json); choose a new or empty folder")
+        for folder in (out, out / "rows", out / "shards"):  # left by an interrupted run; its shard reruns
+            remove_temporaries(folder)
+        return bool(old.get("complete"))
+    foreign = foreign_entries(out, lambda name: False)
+    if foreign:
+        raise CollectError(
+            f"{out} is not empty ({name_list(foreign)}) and holds no collection (manifest.json); "
+            "choose a new or empty folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({**job, "complete": False}, indent=1))
+    remove_temporaries(out)
+    _write_manifest(out, {**job, "complete": False})
+    return False
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
 
 
 def _merge(out: Path, job: dict, specs: list[ShardSpec], tokenizer: Tokenizer | None) -> None:
-    """Merge every shard's statistics in shard order and write the corpus-level files."""
+    """Merge every shard's statistics in shard order and write the corpus-level files, the manifest last."""
     config = DeepseekV2Config.from_dict(job["model"]["config"])
     stats = RoutingStats(config.moe_layers, config.n_routed_experts, config.num_experts_per_tok)
     documents, skipped = [], []
     for spec in specs:
         stats = stats.merge(RoutingStats.load(out / "shards", spec.name))
-        summary = json.loads((out / "shards" / f"{spec.name}.json").read_text())
+        summary = read_json(out / "shards" / f"{spec.name}.json", error=CollectError)
         documents += summary["documents"]
         skipped += summary["skipped"]
     te = stats.token_experts
@@ -228,9 +286,9 @@ def _merge(out: Path, job: dict, specs: list[ShardSpec], tokenizer: Tokenizer | 
         te = te.assign(token=[texts[i] for i in te["token_id"].tolist()])
     stats.token_experts = te
     stats.save(out, "stats")
-    pd.DataFrame(documents, columns=["doc_index", "doc_id", "tokens"]).to_parquet(
-        out / "documents.parquet", index=False
-    )
-    (out / "skipped.jsonl").write_text("".join(json.dumps(s) + "\n" for s in skipped))
+    table = pd.DataFrame(documents, columns=["doc_index", "doc_id", "tokens"])
+    with atomic_path(out / "documents.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
+    atomic_write(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
     totals = {"documents": len(documents), "skipped": len(skipped), "tokens": stats.tokens}
-    (out / "manifest.json").write_text(json.dumps({**job, "complete": True, "totals": totals}, indent=1))
+    _write_manifest(out, {**job, "complete": True, "totals": totals})  # the commit point

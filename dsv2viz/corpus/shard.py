@@ -9,8 +9,8 @@ probabilities tie to that precision. Batching inside a shard is deterministic (i
 documents only), so a shard comes out bit-identical wherever it runs, given the same dtype, device type
 and number of threads.
 
-Files of shard ``NNNNN`` (written to temporary names, then renamed; the summary last, so a shard whose
-summary exists is complete):
+Files of shard ``NNNNN`` (each written whole or not at all, see dsv2viz.files; the summary last, so a shard
+whose summary exists is complete):
 
     rows/part-NNNNN.parquet           one row per (token, MoE layer), see ROW_SCHEMA
     shards/NNNNN.safetensors          its RoutingStats; shards/NNNNN.token_experts.parquet
@@ -20,7 +20,6 @@ summary exists is complete):
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 
 from ..analysis._common import entropy
 from ..analysis.routing import router_margin
+from ..files import atomic_path, atomic_write
 from ..model import DeepseekV2ForCausalLM
 from .documents import CollectError, Document, InputFile, ShardSpec, read_shard
 from .stats import RoutingStats
@@ -140,13 +140,11 @@ class ShardRunner:
         )
         table = rows_table(arrays)
         rows_dir, shard_dir = self.out / "rows", self.out / "shards"
-        _atomic(rows_dir / f"part-{spec.name}.parquet", lambda p: pq.write_table(table, p))
-        tmp = shard_dir / f".{spec.name}.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        stats.save(tmp, spec.name)
-        for f in tmp.iterdir():
-            os.replace(f, shard_dir / f.name)
-        tmp.rmdir()
+        rows_dir.mkdir(exist_ok=True)
+        shard_dir.mkdir(exist_ok=True)
+        with atomic_path(rows_dir / f"part-{spec.name}.parquet") as tmp:
+            pq.write_table(table, tmp)
+        stats.save(shard_dir, spec.name)
         summary = {
             "shard": spec.index,
             "documents": [{"doc_index": d.index, "doc_id": d.doc_id, "tokens": len(t)} for d, t in zip(docs, ids)],
@@ -154,7 +152,7 @@ class ShardRunner:
             "tokens": sum(map(len, ids)),
             "seconds": round(time.perf_counter() - start, 3),
         }
-        _atomic(shard_dir / f"{spec.name}.json", lambda p: Path(p).write_text(json.dumps(summary)))
+        atomic_write(shard_dir / f"{spec.name}.json", json.dumps(summary))  # the shard's commit point
         return summary
 
     def _tokenize(self, doc: Document) -> tuple[str | None, list[int]]:
@@ -234,11 +232,3 @@ class ShardRunner:
         arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         order = np.lexsort((arrays["layer"], arrays["position"], arrays["doc_index"]))
         return {k: v[order] for k, v in arrays.items()}
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through `write(temporary path)` then rename: a killed job never leaves a half file under `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)

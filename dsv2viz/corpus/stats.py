@@ -17,6 +17,8 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_path
+
 #: Bins of the routing-entropy histogram over [0, log E].
 ENTROPY_BINS = 32
 
@@ -134,7 +136,8 @@ class RoutingStats:
         )
 
     def save(self, folder: Path, stem: str) -> None:
-        """Write ``{stem}.safetensors`` (tensors, sizes in its metadata) and ``{stem}.token_experts.parquet``."""
+        """Write ``{stem}.safetensors`` (tensors, sizes in its metadata) and ``{stem}.token_experts.parquet``,
+        each whole or not at all."""
         meta = {
             "layers": ",".join(map(str, self.layers)),
             "n_experts": str(self.n_experts),
@@ -142,8 +145,10 @@ class RoutingStats:
             "tokens": str(self.tokens),
             "documents": str(self.documents),
         }
-        save_file({n: getattr(self, n).contiguous() for n in _TENSORS}, folder / f"{stem}.safetensors", metadata=meta)
-        self.token_experts.to_parquet(folder / f"{stem}.token_experts.parquet", index=False)
+        with atomic_path(folder / f"{stem}.safetensors") as tmp:
+            save_file({n: getattr(self, n).contiguous() for n in _TENSORS}, tmp, metadata=meta)
+        with atomic_path(folder / f"{stem}.token_experts.parquet") as tmp:
+            self.token_experts.to_parquet(tmp, index=False)
 
     @classmethod
     def load(cls, folder: Path, stem: str) -> RoutingStats:

@@ -2,7 +2,7 @@
 
 :func:`save_html` embeds plotly.js in the file (about 4.5 MB), so it opens without a network, from an
 archive, a laptop on a plane or a sandboxed viewer; it never links a CDN. :func:`save_image` needs the
-optional kaleido package and a Chrome/Chromium for it to drive.
+optional kaleido package and a Chrome/Chromium for it to drive. Both write the file whole or not at all.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 import plotly.graph_objects as go
+
+from ..files import atomic_write
 
 IMAGE_FORMATS = ("png", "svg")
 MISSING_KALEIDO = (
@@ -23,8 +25,7 @@ def save_html(fig: go.Figure, path: str | os.PathLike) -> Path:
     """Write `fig` as a standalone HTML page with plotly.js embedded (no CDN); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(path, include_plotlyjs=True, full_html=True, config={"displaylogo": False})
-    return path
+    return atomic_write(path, fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False}))
 
 
 def save_image(fig: go.Figure, path: str | os.PathLike, *, scale: float = 2.0) -> Path:
@@ -40,9 +41,9 @@ def save_image(fig: go.Figure, path: str | os.PathLike, *, scale: float = 2.0) -
         import kaleido  # noqa: F401  (plotly finds it itself; imported here to fail early and clearly)
     except ImportError:
         raise RuntimeError(MISSING_KALEIDO) from None
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.write_image(path, format=fmt, scale=scale)
+        image = fig.to_image(format=fmt, scale=scale)
     except RuntimeError as e:  # plotly's own: kaleido too old, or no Chrome for it to drive
         raise RuntimeError(f"{MISSING_KALEIDO}\n(plotly said: {str(e).strip()})") from e
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, image)

@@ -1,7 +1,7 @@
 """The Trace: everything recorded while a model read a prompt and generated from it, position by position.
 
 Tensors live in one dict keyed by name (a trace is saved as one safetensors file plus one JSON file, no
-pickle); the accessors give them meaning:
+pickle, see :meth:`Trace.save`); the accessors give them meaning:
 
     token_ids (S,)              prompt then generated tokens; S = len(trace)
     token_bytes (N,) uint8, token_offsets (S + 1,) int64
@@ -32,6 +32,11 @@ token completes, then the bytes it holds of a character it does not complete in 
 that group by token). A trace recorded without a tokenizer has no bytes (its tokens show as ``<id>``),
 and one saved before the bytes were recorded keeps the token texts it was saved with; both fall back
 to those texts.
+
+A trace folder holds ``trace.json`` (token texts, config, recording, meta, and the id of its tensors
+file) and ``tensors-<id>.safetensors``; ``trace.json`` is written last and is the commit point, so a
+killed save leaves the previous trace or the new one. Version 1 folders (``tensors.safetensors``, no id)
+still load. Whatever its origin, a trace is checked whole by :func:`trace_from_parts` before use.
 """
 
 from __future__ import annotations
@@ -40,21 +45,26 @@ import dataclasses
 import itertools
 import json
 import os
-from collections.abc import Sequence
+import re
+import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .. import text as textlib
+from ..checkpoint import _DTYPES as SAFETENSORS_DTYPES
+from ..checkpoint import _is_int
 from ..config import ConfigError, DeepseekV2Config
+from ..files import atomic_path, atomic_write, foreign_entries, name_list, read_json, remove_temporaries
 from .recording import Recording
 
 FORMAT = "dsv2viz-trace"
-VERSION = 1
+VERSION = 2  # 2: tensors-<id>.safetensors, named by trace.json; 1 (still read): tensors.safetensors
 
 
 _ATTENTION_HOW = "attention='full' or 'last_row', or queries=True with latents=True"
@@ -316,12 +326,16 @@ class Trace:
         return pattern, nope, rope
 
     # ----- saving -------------------------------------------------------------------------------------
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write ``trace.json`` and ``tensors.safetensors`` into `folder` (created if needed)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, folder / "tensors.safetensors")
-        header = {
+    def validate(self) -> None:
+        """Raise TraceError naming the first tensor or field that disagrees with the trace's own config and recording.
+
+        The same checks as :meth:`load` (see :func:`trace_from_parts`); :meth:`save` runs them, so what it
+        writes loads again.
+        """
+        trace_from_parts(self._header(), self.tensors)
+
+    def _header(self) -> dict[str, Any]:
+        return {
             "format": FORMAT,
             "version": VERSION,
             "prompt_len": self.prompt_len,
@@ -331,42 +345,70 @@ class Trace:
             "meta": self.meta,
             "tensors": sorted(self.tensors),
         }
-        (folder / "trace.json").write_text(json.dumps(header, ensure_ascii=False, indent=1))
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the trace into `folder` (created if needed): ``tensors-<id>.safetensors``, then ``trace.json``.
+
+        ``trace.json`` is written last, whole or not at all, and names the tensors file by its id (also in
+        that file's metadata): a save killed at any point leaves the previous trace or the new one, never a
+        mix. Saving over a trace replaces it; a non-empty folder that is not a trace folder is refused.
+        """
+        folder = Path(folder)
+        self.validate()
+        trace_id = secrets.token_hex(ID_BYTES)
+        try:
+            text = json.dumps({**self._header(), "id": trace_id}, ensure_ascii=False, indent=1)
+        except (TypeError, ValueError) as e:
+            raise TraceError(f"the trace's meta cannot be saved as JSON ({e}); keep only JSON values in it") from None
+        check_trace_folder(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        data_name = _tensors_name(trace_id)
+        with atomic_path(folder / data_name) as tmp:
+            save_file(
+                {k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata={"format": FORMAT, "id": trace_id}
+            )
+        atomic_write(folder / HEADER_NAME, text)  # the commit point
+        for old in folder.iterdir():
+            if _is_tensors_file(old.name) and old.name != data_name:
+                old.unlink(missing_ok=True)
+        remove_temporaries(folder, "tensors*.safetensors")  # left by killed saves (atomic_write cleared trace.json's)
         return folder
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Trace:
-        """Reopen a saved trace; a folder that is not a dsv2viz trace, or a damaged one, raises TraceError."""
+        """Reopen a saved trace, checked whole against its own config and recording before anything uses it.
+
+        A folder that is not a dsv2viz trace, or a damaged or tampered one, raises TraceError naming the file
+        and what is wrong.
+        """
         folder = Path(folder)
-        head_path, data_path = folder / "trace.json", folder / "tensors.safetensors"
+        head_path = folder / HEADER_NAME
         if not head_path.is_file():
-            raise TraceError(f"{folder}: no trace.json; not a trace folder (Trace.save writes one)")
+            raise TraceError(f"{folder}: no {HEADER_NAME}; not a trace folder (Trace.save writes one)")
+        header = read_json(head_path, error=TraceError)
         try:
-            header = json.loads(head_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TraceError(f"{head_path}: damaged, not valid JSON ({e})") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise TraceError(f"{head_path}: not a dsv2viz trace (no format: {FORMAT!r} marker)")
-        if header.get("version") != VERSION:
-            raise TraceError(f"{head_path}: trace format version {header.get('version')}, this dsv2viz reads {VERSION}")
+            data_name = _data_name(header)
+        except TraceError as e:
+            raise TraceError(f"{head_path}: {e}") from None
+        data_path = folder / data_name
         if not data_path.is_file():
-            raise TraceError(f"{folder}: tensors.safetensors is missing")
+            raise TraceError(f"{data_path}: missing; {HEADER_NAME} names it, so the trace is incomplete")
         try:
-            tensors = load_file(data_path)
+            with safe_open(data_path, framework="pt") as f:
+                stored_id = (f.metadata() or {}).get("id")
+                if stored_id != header.get("id"):
+                    raise TraceError(
+                        f"{data_path}: written by another save (id {stored_id}, {HEADER_NAME} says "
+                        f"{header.get('id')}); this trace folder was assembled from two saves"
+                    )
+                # shapes and dtypes first, from the file's header: nothing is read before they all agree
+                trace_from_parts(header, {k: _meta_tensor(f.get_slice(k)) for k in f.keys()})  # noqa: SIM118
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+            return trace_from_parts(header, tensors)
+        except TraceError as e:
+            raise TraceError(f"{folder}: {e}") from None
         except (SafetensorError, OSError) as e:
-            raise TraceError(f"{data_path}: damaged ({e})") from None
-        if sorted(tensors) != header.get("tensors"):
-            missing = sorted(set(header.get("tensors", [])) - set(tensors))
-            raise TraceError(f"{data_path}: does not match trace.json (missing {missing[:5]})")
-        try:
-            config = DeepseekV2Config.from_dict(header["config"])
-            recording = Recording(**header["recording"])
-            trace = cls(config, header["prompt_len"], header["token_texts"], tensors, recording, header["meta"])
-        except (KeyError, TypeError, ConfigError) as e:
-            raise TraceError(f"{head_path}: damaged ({type(e).__name__}: {e})") from None
-        if len(trace.token_ids) != len(trace):
-            raise TraceError(f"{folder}: {len(trace.token_ids)} token ids but {len(trace)} token texts")
-        return trace
+            raise TraceError(f"{data_path}: damaged, not a whole safetensors file ({e})") from None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Trace):
@@ -398,3 +440,256 @@ def token_byte_tensors(chunks: Sequence[bytes] | None) -> dict[str, torch.Tensor
         else torch.zeros(0, dtype=torch.uint8),
         "token_offsets": lengths.cumsum(0),
     }
+
+
+# ----- the trace folder and its checks --------------------------------------------------------------------
+HEADER_NAME = "trace.json"
+V1_TENSORS_NAME = "tensors.safetensors"  # version 1: one fixed name, no id
+ID_BYTES = 8
+_ID = re.compile(f"[0-9a-f]{{{2 * ID_BYTES}}}")
+
+#: Largest number of elements checked at once for finite values (bounds the temporary mask).
+_CHUNK = 2**24
+
+
+def _tensors_name(trace_id: str) -> str:
+    return f"tensors-{trace_id}.safetensors"
+
+
+def _is_tensors_file(name: str) -> bool:
+    return name == V1_TENSORS_NAME or (name.startswith("tensors-") and name.endswith(".safetensors"))
+
+
+def is_trace_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a trace.json (a trace folder, complete or not)."""
+    return (Path(folder) / HEADER_NAME).is_file()
+
+
+def check_trace_folder(folder: str | os.PathLike) -> None:
+    """Raise TraceError unless `folder` may receive a trace: it is missing, empty, a trace folder, or holds
+    only what a killed save left."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise TraceError(f"{folder} is a file; save the trace to a folder")
+    if is_trace_folder(folder):
+        header = read_json(folder / HEADER_NAME, error=TraceError)
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise TraceError(
+                f"{folder / HEADER_NAME} is not a dsv2viz trace's; save the trace to a new or empty folder"
+            )
+        return
+    foreign = foreign_entries(folder, _is_tensors_file)
+    if foreign:
+        raise TraceError(
+            f"{folder} is not empty ({name_list(foreign)}) and is not a trace folder; "
+            "save the trace to a new or empty folder"
+        )
+
+
+def _check_format(header: Any) -> None:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise TraceError(f"not a dsv2viz trace (no format: {FORMAT!r} marker)")
+    if not _is_int(header.get("version")) or header["version"] not in (1, VERSION):
+        raise TraceError(f"trace format version {header.get('version')!r}: this dsv2viz reads versions 1 to {VERSION}")
+
+
+def _data_name(header: Any) -> str:
+    """The tensors file a trace header names; TraceError for a header of another format or version."""
+    _check_format(header)
+    if header["version"] == 1:
+        return V1_TENSORS_NAME
+    trace_id = header.get("id")
+    if not isinstance(trace_id, str) or not _ID.fullmatch(trace_id):
+        raise TraceError(f"id {trace_id!r} is not {2 * ID_BYTES} hex digits")
+    return _tensors_name(trace_id)
+
+
+def _meta_tensor(view) -> torch.Tensor:
+    """A tensor without data, with the dtype and shape of a safetensors slice (for checking before reading)."""
+    dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
+    if dtype is None:
+        raise TraceError(f"unsupported dtype {view.get_dtype()}")
+    return torch.empty(view.get_shape(), dtype=dtype, device="meta")
+
+
+def trace_from_parts(header: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> Trace:
+    """The Trace that a header (trace.json's content) and its tensors describe, checked whole; else TraceError.
+
+    Checked, in this order, before anything uses the trace: the header's types and ranges (prompt_len,
+    token_texts, config through DeepseekV2Config.from_dict, recording field by field, meta), then every
+    tensor's name, dtype and shape against what the trace's own config and recording record, then values:
+    ids within the vocabulary, experts within n_routed_experts, query positions within the trace, text
+    offsets increasing, floats finite. Tensors on the meta device get every check but the values', which is
+    how :meth:`Trace.load` checks shapes before reading any data. The message names the field or tensor.
+    """
+    _check_format(header)
+    S = _token_count(header.get("token_texts"))
+    P = header.get("prompt_len")
+    if not _is_int(P) or not 1 <= P <= S:
+        raise TraceError(f"prompt_len={P!r} must be a whole number from 1 to the {S} tokens of token_texts")
+    config = _config(header.get("config"))
+    if config.max_position_embeddings < S:
+        raise TraceError(f"{S} tokens, past the config's context of {config.max_position_embeddings} positions")
+    recording = _recording(header.get("recording"), config)
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict):
+        raise TraceError(f"meta must be a JSON object, found {type(meta).__name__}")
+    listed = header.get("tensors", sorted(tensors))
+    if listed != sorted(tensors):
+        raise TraceError(f"trace.json lists tensors {_names(listed)}, the tensors file holds {_names(sorted(tensors))}")
+    _check_tensors(tensors, _expected(config, recording, S, P))
+    _check_values(tensors, config, S)
+    return Trace(config, P, list(header["token_texts"]), dict(tensors), recording, meta)
+
+
+def _names(names: Any) -> str:
+    names = list(names) if isinstance(names, (list, Mapping)) else names
+    return repr(names) if not isinstance(names, list) or len(names) <= 6 else f"{names[:6]} and {len(names) - 6} more"
+
+
+def _token_count(texts: Any) -> int:
+    if not isinstance(texts, list) or not texts:
+        raise TraceError("token_texts must be a non-empty list of strings")
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TraceError(f"token_texts[{bad}] is {type(texts[bad]).__name__}, not a string")
+    return len(texts)
+
+
+def _config(raw: Any) -> DeepseekV2Config:
+    if not isinstance(raw, dict):
+        raise TraceError(f"config must be a JSON object, found {type(raw).__name__}")
+    try:
+        return DeepseekV2Config.from_dict(raw)
+    except (ConfigError, TypeError, AttributeError) as e:  # TypeError/AttributeError: a field of the wrong type
+        raise TraceError(f"config: {e}") from None
+
+
+def _recording(raw: Any, config: DeepseekV2Config) -> Recording:
+    if not isinstance(raw, dict):
+        raise TraceError(f"recording must be a JSON object, found {type(raw).__name__}")
+    fields = {f.name: f.type for f in dataclasses.fields(Recording)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise TraceError(f"recording has unknown fields {unknown}; known: {sorted(fields)}")
+    for name, value in raw.items():
+        if not _RECORDING_TYPES[fields[name]](value):
+            raise TraceError(f"recording.{name}={value!r} is not a {fields[name]}")
+    try:
+        recording = Recording(**raw)
+        if recording.attention_layers is not None:  # listed layers and heads within the config's
+            recording.layers(config)
+        if recording.attention_heads is not None:
+            recording.heads(config)
+    except ValueError as e:
+        raise TraceError(f"recording: {e}") from None
+    if recording.memory_budget < 0 or recording.top_logits < 0:
+        raise TraceError("recording.memory_budget and recording.top_logits must not be negative")
+    return recording
+
+
+_RECORDING_TYPES = {  # Recording's field annotations -> the values they accept (from JSON, or in memory)
+    "bool": lambda v: isinstance(v, bool),
+    "int": _is_int,
+    "AttentionMode": lambda v: isinstance(v, str),
+    "Sequence[int] | None": lambda v: v is None or (isinstance(v, (list, tuple)) and all(map(_is_int, v))),
+}
+
+_INT = (torch.int64,)
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_BYTES = (torch.uint8,)
+Shape = tuple[int | None, ...]  # None: any length (attention rows, text bytes)
+
+
+def _expected(config: DeepseekV2Config, rec: Recording, S: int, P: int) -> dict[str, tuple[tuple, Shape, bool]]:
+    """name -> (allowed dtypes, shape, required) of every tensor a trace of this config and recording may hold."""
+    c, G = config, S - P  # G generated tokens
+    M, L, K, E = len(c.moe_layers), c.num_hidden_layers, c.num_experts_per_tok, c.n_routed_experts
+    R, dr, dn = c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim
+    out: dict[str, tuple[tuple, Shape, bool]] = {"token_ids": (_INT, (S,), True)}
+    if M and rec.routing:
+        out["topk_idx"], out["topk_weights"] = (_INT, (M, S, K), True), (_FLOAT, (M, S, K), True)
+    if M and rec.router_probs:
+        out["router_probs"] = (_FLOAT, (M, S, E), True)
+    if M and rec.moe_norms:
+        out["routed_norms"] = (_FLOAT, (M, S), True)
+        if c.n_shared_experts:
+            out["shared_norms"] = (_FLOAT, (M, S), True)
+    if rec.latents:
+        out["c_kv"], out["k_pe"] = (_FLOAT, (L, S, R), True), (_FLOAT, (L, S, dr), True)
+    if rec.residual_norms:
+        out["resid_norms"] = (_FLOAT, (L + 1, S), True)
+    if rec.attention != "none" or rec.queries:
+        h = len(rec.heads(c))
+        for layer in rec.layers(c):
+            out[f"q_nope.{layer}"], out[f"q_pe.{layer}"] = (_FLOAT, (S, h, dn), True), (_FLOAT, (S, h, dr), True)
+            out[f"w_uk.{layer}"] = (_FLOAT, (h, dn, R), True)
+            if rec.attention != "none":
+                out[f"attention.{layer}"] = (_FLOAT, (h, None, S), True)
+                out[f"attention.{layer}.query_pos"] = (_INT, (None,), True)
+    if G and rec.top_logits:
+        k = min(rec.top_logits, c.vocab_size)
+        out["top_ids"], out["top_probs"] = (_INT, (G, k), True), (_FLOAT, (G, k), True)
+    if G and rec.full_logits:
+        out["logprobs"] = (_FLOAT, (G, c.vocab_size), True)
+    out["token_bytes"], out["token_offsets"] = (_BYTES, (None,), False), (_INT, (S + 1,), False)
+    return out
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor], expected: dict[str, tuple[tuple, Shape, bool]]) -> None:
+    S = expected["token_ids"][1][0]
+    ids = tensors.get("token_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 1 and len(ids) != S:
+        raise TraceError(f"token_texts has {S} texts but token_ids {len(ids)} ids")
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise TraceError(f"tensors {_names(unknown)} are not what this trace's config and recording record")
+    for name, (dtypes, shape, _) in expected.items():  # in the order above: the first mismatch is the telling one
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in dtypes:
+            found = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TraceError(f"tensor {name!r} is {found}, expected {' or '.join(map(str, dtypes))}")
+        if len(t.shape) != len(shape) or any(w is not None and d != w for d, w in zip(t.shape, shape)):
+            want = "(" + ", ".join("any" if w is None else str(w) for w in shape) + ")"
+            raise TraceError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {want}")
+    missing = [n for n, (_, _, required) in expected.items() if required and n not in tensors]
+    if missing:
+        raise TraceError(f"tensors {_names(missing)} are missing, though the trace's recording records them")
+    if ("token_bytes" in tensors) != ("token_offsets" in tensors):
+        raise TraceError("token_bytes and token_offsets come together; one of them is missing")
+    for name in tensors:
+        if name.endswith(".query_pos"):
+            rows, keys = tensors[name].shape[0], tensors[name.removesuffix(".query_pos")].shape
+            if keys[1] != rows or rows > keys[2]:
+                raise TraceError(
+                    f"tensor {name!r} has {rows} query positions for {keys[1]} rows of "
+                    f"{name.removesuffix('.query_pos')!r} over {keys[2]} tokens"
+                )
+
+
+def _check_values(tensors: Mapping[str, torch.Tensor], config: DeepseekV2Config, S: int) -> None:
+    if any(t.device.type == "meta" for t in tensors.values()):
+        return
+    bounds = {"token_ids": config.vocab_size, "top_ids": config.vocab_size, "topk_idx": config.n_routed_experts}
+    for name, t in tensors.items():
+        bound = S if name.endswith(".query_pos") else bounds.get(name)
+        if bound is not None and t.numel() and not (int(t.min()) >= 0 and int(t.max()) < bound):
+            what = "positions" if name.endswith(".query_pos") else "ids"
+            raise TraceError(f"tensor {name!r} holds {what} outside [0, {bound}): {int(t.min())} to {int(t.max())}")
+        if name.endswith(".query_pos") and not bool((t.diff() > 0).all()):
+            raise TraceError(f"tensor {name!r}: query positions must increase")
+        if t.dtype in _FLOAT:
+            # the log of a zero probability is -inf, the only value not finite that may be recorded
+            bad = (lambda x: x.isnan() | (x == float("inf"))) if name == "logprobs" else (lambda x: ~x.isfinite())
+            flat = t.reshape(-1)
+            if any(bool(bad(flat[i : i + _CHUNK]).any()) for i in range(0, flat.numel(), _CHUNK)):
+                raise TraceError(f"tensor {name!r} holds NaN or infinite values")
+    if "token_offsets" in tensors:
+        offsets, n = tensors["token_offsets"], len(tensors["token_bytes"])
+        if int(offsets[0]) != 0 or int(offsets[-1]) != n or not bool((offsets.diff() >= 0).all()):
+            raise TraceError(
+                f"tensor 'token_offsets' must rise from 0 to the {n} bytes of 'token_bytes' "
+                f"(found {int(offsets[0])} to {int(offsets[-1])})"
+            )
