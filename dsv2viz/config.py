@@ -380,7 +380,8 @@ class DeepseekV2Config:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise ConfigError(f"{path}: no config.json; point at a checkpoint folder that has one")
+            what = "is not a file" if path.exists() else "no config.json"
+            raise ConfigError(f"{path}: {what}; point at a checkpoint folder that has a config.json file")
         raw = read_json(path, max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")

@@ -57,6 +57,15 @@ def _token_text(value: Any, where: str) -> str | None:
     return text
 
 
+def _uses_byte_level(pre_tokenizer: dict | None) -> bool:
+    """Whether the model's tokens are spelled in byte-level symbols (one character per byte)."""
+    if pre_tokenizer is None:
+        return False
+    if pre_tokenizer.get("type") == "Sequence":
+        return any(_uses_byte_level(p) for p in pre_tokenizer.get("pretokenizers", []))
+    return pre_tokenizer.get("type") == "ByteLevel"
+
+
 def _keeps_every_byte(pre_tokenizer: dict | None) -> bool:
     """Whether a pre-tokenizer (as tokenizer.json spells it) passes every byte of the text on to the model:
     splitting and byte mapping do, pre-tokenizers that drop whitespace or delimiters do not."""
@@ -181,14 +190,17 @@ class Tokenizer:
         delimiters) can make a long text few tokens. DeepSeek's byte-level BPE has neither.
         """
         spec = json.loads(self._tok.to_str())
-        normalizer = spec.get("normalizer")
-        if normalizer not in (None, {"type": "Sequence", "normalizers": []}) or not _keeps_every_byte(
-            spec.get("pre_tokenizer")
-        ):
+        pre = spec.get("pre_tokenizer")
+        if spec.get("normalizer") not in (None, {"type": "Sequence", "normalizers": []}) or not _keeps_every_byte(pre):
             return None
-        # the token's own spelling, in UTF-8, is never shorter than the bytes it stands for (a byte-level
-        # symbol such as 'Ġ' is 2 bytes for 1; '▁' 3 for a space)
-        return max((len(t.encode("utf-8")) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        added = {t["content"] for t in spec.get("added_tokens", [])}  # matched in the text as they are spelled
+        byte_level = _uses_byte_level(pre)
+        # a byte-level token spells each byte with one character ('Ġ' is a space); any other token's UTF-8
+        # spelling is never shorter than the bytes it stands for ('▁' is 3 bytes for a space)
+        return max(
+            (len(t) if byte_level and t not in added else len(t.encode("utf-8")) for t in self._tok.get_vocab(True)),
+            default=1,
+        )
 
     @property
     def bos_token(self) -> str:

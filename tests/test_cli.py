@@ -38,7 +38,7 @@ def test_info_reports_what_the_files_hold(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["info", "{tmp}/missing"], "no config.json"),
+        (["info", "{tmp}/missing"], "no such folder"),
         (["report", "{tmp}", "-o", "{tmp}/r.html"], "no trace.json; not a trace folder"),
         (
             ["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "5000"],
