@@ -215,6 +215,8 @@ class _ChatEnvironment(ImmutableSandboxedEnvironment):
         @functools.wraps(f)  # keeps Jinja's pass_context / pass_eval_context marks
         def sized(*args: Any, **kwargs: Any) -> Any:
             budget.step()
+            if before is not None:  # a range or a generator is measured as the list it makes
+                args = tuple(list(a) if _unsized_iterable(a) else a for a in args)
             own = _without_context(f, args)
             for n in [*own, *kwargs.values()]:  # counts and widths: batch(10**9, 'x') pads a list to 10**9
                 if isinstance(n, int) and n > budget.max_chars:
@@ -230,6 +232,10 @@ class _ChatEnvironment(ImmutableSandboxedEnvironment):
             return result
 
         return sized
+
+
+def _unsized_iterable(value: Any) -> bool:
+    return isinstance(value, (range, Iterator))
 
 
 def _without_context(f: Callable, args: tuple) -> tuple:
@@ -263,9 +269,9 @@ def _indent_size(s: str, width: int | str = 4, *args: Any, **kwargs: Any) -> int
 
 
 def _join_size(items: Any, separator: Any = "", *args: Any, **kwargs: Any) -> int:
-    """n items and n separators, at most (a generator is measured after, by the result's size)."""
+    """The length of n items joined by n - 1 separators."""
     items = items if isinstance(items, (list, tuple, dict, str)) else ()
-    return sum(len(str(x)) for x in items) + len(str(separator)) * len(items)
+    return sum(len(str(x)) for x in items) + len(str(separator)) * max(len(items) - 1, 0)
 
 
 def _wordwrap_size(s: Any, width: Any = 79, break_long_words: Any = True, wrapstring: Any = None, *a: Any) -> int:
