@@ -77,3 +77,23 @@ def test_demo_streams_and_saves_a_trace(tmp_path, capsys):
         first_row_experts == trace.routing_df().query(f"position == {trace.prompt_len} and rank == 0").expert.tolist()
     )
     assert trace.text.startswith("<｜begin▁of▁sentence｜>def fibonacci(n):")
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    from dsv2viz import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert main(["info", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "dsv2viz info: interrupted"
+
+
+def test_user_errors_are_described_in_one_line():
+    from dsv2viz.cli import describe
+
+    assert describe(PermissionError(13, "Permission denied", "/m/config.json")) == "/m/config.json: Permission denied"
+    assert describe(IsADirectoryError(21, "Is a directory")) == "Is a directory"
+    assert describe(ValueError("first line\n  second line\n")) == "first line second line"
+    assert describe(MemoryError()) == "out of memory"
