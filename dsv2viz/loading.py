@@ -8,10 +8,10 @@ their target dtype (no fp32 copy of a bf16 model). Nothing from the folder is ex
 truncated file, missing or unexpected key, a shape that disagrees with config.json) raises before a
 model is returned.
 
-Checks run cheapest first, so a bad input costs nothing: the config's types and ranges; the device
-(it must exist here); the memory the weights need in the target dtype, computed from the config's shapes
-and compared with what the device has free; the tokenizer (its ids must fit the embedding); the shard
-headers (keys, shapes, dtypes). Only then is the model built on the meta device and are weights read.
+Checks run cheapest first, so a bad input costs nothing: the device (it must exist here); the config's
+types and ranges; the memory the weights need in the target dtype, computed from the config's shapes and
+compared with what the device has free; the tokenizer (its ids must fit the embedding); the shard headers
+(keys, shapes, dtypes). Only then is the model built on the meta device and are weights read.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .checkpoint import CheckpointError, checkpoint_folder, open_checkpoint
 from .config import DeepseekV2Config
 from .model import DeepseekV2ForCausalLM
 from .tokenizer import Tokenizer
+from .traces.recording import format_bytes
 
 
 class DeviceError(ValueError):
@@ -89,14 +90,10 @@ def check_memory(config: DeepseekV2Config, device: torch.device, dtype: torch.dt
     if free is not None and needed > free:
         smaller = " or a smaller dtype (bfloat16 halves float32)" if dtype.itemsize > 2 else ""
         raise DeviceError(
-            f"{source}: its {n:,} parameters need {_gib(needed)} in {str(dtype).removeprefix('torch.')} but "
-            f"{device} has {_gib(free)} free; use a device with more memory{smaller}, or check config.json"
+            f"{source}: its {n:,} parameters need {format_bytes(needed)} in {str(dtype).removeprefix('torch.')} but "
+            f"{device} has {format_bytes(free)} free; use a device with more memory{smaller}, or check config.json"
         )
     return needed
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:,.1f} GiB" if n >= 2**27 else f"{n / 2**20:,.1f} MiB"
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -154,14 +154,11 @@ class Tokenizer:
                     f"the model has no embedding for ids {vocab_size} and up; this tokenizer belongs to another model"
                 )
         add_bos = cfg.get("add_bos_token", True)
+        if not isinstance(add_bos, bool):
+            raise TokenizerError(f"{cfg_path}: add_bos_token must be true or false")
         template = cfg.get("chat_template")
-        if not isinstance(add_bos, bool) or not isinstance(template, (str, type(None))):
-            what = (
-                "add_bos_token must be true or false"
-                if not isinstance(add_bos, bool)
-                else "chat_template must be a string"
-            )
-            raise TokenizerError(f"{cfg_path}: {what}")
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{cfg_path}: chat_template must be a string")
         specials = {}
         for name, given_id, fallback in (("bos", bos_token_id, DEEPSEEK_BOS), ("eos", eos_token_id, DEEPSEEK_EOS)):
             text = _token_text(cfg.get(f"{name}_token"), f"{cfg_path}: {name}_token")

@@ -118,11 +118,11 @@ class Recording:
         if total <= self.memory_budget:
             return total
         biggest = sorted(((n, b) for n, b in parts.items() if b), key=lambda nb: -nb[1])
-        listing = ", ".join(f"{n} {_gib(b)}" for n, b in biggest[:3])
+        listing = ", ".join(f"{n} {format_bytes(b)}" for n, b in biggest[:3])
         advice = _ADVICE.get(biggest[0][0], "record less")
         raise TraceBudgetError(
-            f"this trace would hold {_gib(total)} for {prompt_len} + {new_tokens} tokens, over its budget of "
-            f"{_gib(self.memory_budget)} (largest: {listing}). To fit: {advice}; or raise memory_budget."
+            f"this trace would hold {format_bytes(total)} for {prompt_len} + {new_tokens} tokens, over its budget of "
+            f"{format_bytes(self.memory_budget)} (largest: {listing}). To fit: {advice}; or raise memory_budget."
         )
 
 
@@ -152,5 +152,6 @@ def _checked(items: Sequence[int] | range, n: int, what: str) -> list[int]:
     return out
 
 
-def _gib(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """Bytes for a person: GiB from a quarter GiB up, else MiB."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
