@@ -12,7 +12,7 @@ from .generation import Generation, Sampling, Step
 from .hooks import ActivationCache, HookError, HookPoint
 from .html_report import report
 from .kv_cache import LatentKVCache
-from .loading import load
+from .loading import DeviceError, load
 from .model import DeepseekV2ForCausalLM
 from .tokenizer import Tokenizer, TokenizerError
 from .traces import Recording, Trace, TraceBudgetError, TraceError
@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "DeepseekV2Config",
     "DeepseekV2ForCausalLM",
+    "DeviceError",
     "Generation",
     "HookError",
     "HookPoint",
