@@ -11,7 +11,7 @@ from .config import DEEPSEEK_V2_LITE, ConfigError, DeepseekV2Config
 from .generation import Generation, Sampling, Step
 from .hooks import ActivationCache, HookError, HookPoint
 from .kv_cache import LatentKVCache
-from .loading import load
+from .loading import DeviceError, load
 from .model import DeepseekV2ForCausalLM, NonFiniteError
 from .tokenizer import Tokenizer, TokenizerError
 from .traces import Recording, Trace, TraceBudgetError, TraceError
@@ -23,6 +23,7 @@ __all__ = [
     "ConfigError",
     "DeepseekV2Config",
     "DeepseekV2ForCausalLM",
+    "DeviceError",
     "Generation",
     "HookError",
     "HookPoint",

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
+import math
+import os
 import struct
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from .files import parse_json, read_json
 from .text import visible_controls
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -86,9 +88,9 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
             )
         raw = f.read(header_len)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON ({e}); {REDOWNLOAD}") from None
+        header = parse_json(raw, f"{path}: header")
+    except ValueError as e:  # not UTF-8, not JSON, or nested past the parser's recursion limit
+        raise CheckpointError(f"{e}; {REDOWNLOAD}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object; {REDOWNLOAD}")
     header.pop("__metadata__", None)
@@ -98,7 +100,7 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
         where = f"{path}: tensor {key!r}"
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise CheckpointError(f"{where}: header entry lacks dtype/shape/data_offsets; {REDOWNLOAD}")
-        dtype = _DTYPES.get(info["dtype"])
+        dtype = _DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
             raise CheckpointError(
                 f"{where}: unsupported dtype {info['dtype']!r} (supported: {', '.join(_DTYPES)}); "
@@ -114,7 +116,7 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
             and 0 <= offsets[0] <= offsets[1]
         ):
             raise CheckpointError(f"{where}: malformed shape {shape!r} or data_offsets {offsets!r}; {REDOWNLOAD}")
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # a Python int: no overflow, however absurd the shape
         if offsets[1] - offsets[0] != nbytes:
             raise CheckpointError(
                 f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but shape "
@@ -148,9 +150,12 @@ def _find_shards(folder: Path) -> tuple[list[str], dict[str, str] | None]:
             f"(found: {', '.join(found[:20]) or 'nothing'}); {hint}"
         )
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: malformed index or no 'weight_map' ({e!r}); re-download the index") from None
+        content = read_json(index, error=CheckpointError)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; re-download the index") from None
+    if not isinstance(content, dict) or "weight_map" not in content:
+        raise CheckpointError(f"{index}: malformed index, no 'weight_map'; re-download the index")
+    weight_map = content["weight_map"]
     names_ok = isinstance(weight_map, dict) and all(
         isinstance(v, str) and Path(v).name == v for v in weight_map.values()
     )
@@ -231,6 +236,8 @@ class Checkpoint:
         In the stored dtype on CPU the bytes land directly in the returned tensor; otherwise they land in
         one stored-dtype CPU temporary that is converted with ``.to`` and dropped before the next read.
         """
+        from tqdm.auto import tqdm  # loaded when weights are read, not by `import dsv2viz`
+
         device = torch.device(device)
         for shard in self.shards:
             entries = [e for e in self._entries.values() if e.file == shard]
@@ -254,7 +261,7 @@ class Checkpoint:
                     yield e.key, tensor
 
 
-def _read_into(f: io.RawIOBase, e: TensorEntry, tensor: torch.Tensor, bar: tqdm) -> None:
+def _read_into(f: io.RawIOBase, e: TensorEntry, tensor: torch.Tensor, bar: Any) -> None:
     """Fill ``tensor``'s memory with the entry's bytes using plain reads; a short read means the file changed."""
     buf = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
     f.seek(e.start)
@@ -270,13 +277,20 @@ def _read_into(f: io.RawIOBase, e: TensorEntry, tensor: torch.Tensor, bar: tqdm)
         bar.update(n)
 
 
+def checkpoint_folder(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or CheckpointError when it is not a folder (missing, or a file)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise CheckpointError(f"{folder}: {what}; pass the folder that holds config.json and the *.safetensors shards")
+    return folder
+
+
 def open_checkpoint(folder: str | Path) -> Checkpoint:
     """Parse the index and every shard header of ``folder`` and validate them; no tensor data is read."""
     if sys.byteorder != "little":
         raise CheckpointError("safetensors data is little-endian and this host is big-endian; unsupported")
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: checkpoint folder does not exist; check the path or download the checkpoint")
+    folder = checkpoint_folder(folder)
     names, weight_map = _find_shards(folder)
     entries: dict[str, TensorEntry] = {}
     for name in names:

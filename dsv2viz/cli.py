@@ -8,28 +8,39 @@
     dsv2viz collect [--model PATH] --input FILES... --out DIR [--ray]
                                             routing of a whole corpus: per-token Parquet rows and merged statistics
 
-Errors are one readable line on stderr and exit status 1, never a traceback. Everything printed that
-comes from the user, the files or the model (tokens, paths, document ids, error messages) goes through
-`dsv2viz.text.visible_controls` first, so no control character or bidi override reaches the terminal
-raw; a streamed generation keeps its newlines and tabs.
+Every error a user can cause (a bad argument, folder, file, config, checkpoint, trace or value) is one
+line on stderr, ``dsv2viz <command>: error: <what to fix>``, and exit status 1, never a traceback;
+argparse's own errors take the same form and status (not its usual usage block and status 2).
+Ctrl-C prints ``dsv2viz <command>: interrupted`` and exits 130. Success is status 0.
+Everything printed that comes from the user, the files or the model (tokens, paths, document ids, error
+messages) goes through `dsv2viz.text.visible_controls` first, so no control character or bidi override
+reaches the terminal raw; a streamed generation keeps its newlines and tabs.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
-from .checkpoint import CheckpointError, open_checkpoint
+from .checkpoint import CheckpointError, checkpoint_folder, open_checkpoint
 from .config import ConfigError, DeepseekV2Config
 from .hooks import HookError
-from .model import DeepseekV2ForCausalLM
 from .text import visible, visible_controls
 from .tokenizer import TokenizerError
 from .traces import TraceBudgetError, TraceError
+
+#: Exit status of every user error, bad arguments included.
+USER_ERROR_STATUS = 1
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_STATUS = 130
 
 USER_ERRORS = (
     CheckpointError,
@@ -40,38 +51,14 @@ USER_ERRORS = (
     TraceBudgetError,
     OSError,
     ValueError,
+    MemoryError,  # a real allocation failure, e.g. a prompt too long for this machine
+    torch.cuda.OutOfMemoryError,
 )
 
 
 def parameter_counts(config: DeepseekV2Config) -> dict[str, int]:
-    """Parameters by part, from a model built on the meta device (no memory, no weights needed)."""
-    with torch.device("meta"):
-        model = DeepseekV2ForCausalLM(config)
-    parts = {
-        "embedding + lm_head": 0,
-        "attention": 0,
-        "dense MLP": 0,
-        "router": 0,
-        "shared experts": 0,
-        "routed experts": 0,
-        "norms": 0,
-    }
-    for name, p in model.named_parameters():
-        if "embed_tokens" in name or name.startswith("lm_head"):
-            part = "embedding + lm_head"
-        elif "norm" in name.rsplit(".", 2)[-2]:
-            part = "norms"
-        elif ".self_attn." in name:
-            part = "attention"
-        elif ".mlp.gate." in name:
-            part = "router"
-        elif ".shared_experts." in name:
-            part = "shared experts"
-        elif ".experts." in name:
-            part = "routed experts"
-        else:
-            part = "dense MLP"
-        parts[part] += p.numel()
+    """Parameters by part, then the total and what one token uses, from the config's shapes alone."""
+    parts = config.parameter_counts()
     total = sum(parts.values())
     inactive = 0
     if config.n_routed_experts:
@@ -88,7 +75,7 @@ def parameter_counts(config: DeepseekV2Config) -> dict[str, int]:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    folder = Path(args.path)
+    folder = checkpoint_folder(args.path)
     config = DeepseekV2Config.from_json(folder)
     ckpt = open_checkpoint(folder)
     c = config
@@ -132,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .traces import Recording
 
     model = load(args.model, device=args.device, progress=not args.quiet)
-    layers = [int(x) for x in args.attention_layers.split(",")] if args.attention_layers else None
+    layers = args.attention_layers  # a list of indices, checked by the parser
     record = Recording(
         router_probs=True,
         attention=args.attention,
@@ -245,10 +232,59 @@ def cmd_collect(args: argparse.Namespace) -> None:
         )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the CLI's one-line form (no usage block) and the CLI's user-error status.
+    Subcommand parsers are made of this class too (argparse uses the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USER_ERROR_STATUS, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in low..high."""
+    expected = f"a whole number >= {low}" if high is None else f"a whole number from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _real(low: float, high: float = math.inf, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (or (low, high] when `low_open`)."""
+    expected = f"a finite number {'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _indices(text: str) -> list[int]:
+    """An argparse type: comma-separated indices, e.g. '0,3,5'."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = [-1]
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 0 such as 0,3,5, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dsv2viz", description="Look inside DeepSeek-V2: latent attention and experts."
-    )
+    parser = _Parser(prog="dsv2viz", description="Look inside DeepSeek-V2: latent attention and experts.")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="describe a checkpoint folder without loading its weights")
     info.add_argument("path", help="folder with config.json and *.safetensors")
@@ -260,18 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="format the prompt as one user turn of the chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--max-new-tokens", type=_whole(0), default=64)
+    gen.add_argument("--temperature", type=_real(0), default=0.0, help="0 is greedy")
+    gen.add_argument("--top-k", type=_whole(1))
+    gen.add_argument("--top-p", type=_real(0, 1, low_open=True), help="in (0, 1]")
+    gen.add_argument("--seed", type=_whole(0, 2**63 - 1))
     gen.add_argument(
         "--attention", choices=["none", "last_row", "full"], default="none", help="attention patterns to record"
     )
     gen.add_argument(
-        "--attention-layers", help="comma-separated layers whose attention (patterns or queries) to record"
+        "--attention-layers",
+        type=_indices,
+        help="comma-separated layers whose attention (patterns or queries) to record",
     )
-    gen.add_argument("--memory-budget", type=float, default=2.0, help="GiB the trace may hold")
+    gen.add_argument("--memory-budget", type=_real(0, low_open=True), default=2.0, help="GiB the trace may hold")
     gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--trace", help="save the trace to this folder")
     gen.add_argument("--report", help="write the HTML report to this file")
@@ -288,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the checkpoint: new, empty or an earlier demo's (default: a new temporary folder)",
     )
     demo.add_argument("--prompt", default="def fibonacci(n):")
-    demo.add_argument("--tokens", type=int, default=16, help="how many tokens to generate")
+    demo.add_argument("--tokens", type=_whole(0), default=16, help="how many tokens to generate")
     demo.add_argument("--trace", help="save the recorded trace to this folder")
     demo.set_defaults(run=cmd_demo)
     col = sub.add_parser("collect", help="route a corpus: per-token Parquet rows and mergeable statistics per layer")
@@ -300,41 +338,58 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--text-field", default="text", help="JSONL key / Parquet column with the text")
     col.add_argument("--id-field", default="id", help="JSONL key / Parquet column naming the document, when present")
     col.add_argument(
-        "--docs-per-shard", type=int, default=256, help="documents per shard: the unit of work and of resumption"
+        "--docs-per-shard", type=_whole(1), default=256, help="documents per shard: the unit of work and of resumption"
     )
-    col.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    col.add_argument("--batch-tokens", type=_whole(1), default=8192, help="padded tokens per forward pass")
     col.add_argument(
-        "--max-tokens", type=int, help="longer documents are skipped and reported (default: min(context, 4096))"
+        "--max-tokens", type=_whole(1), help="longer documents are skipped and reported (default: min(context, 4096))"
     )
     col.add_argument(
         "--near-tie-threshold",
-        type=float,
+        type=_real(0),
         help="absolute top-k margin counted as a near tie (default: bf16 rounding of the K-th probability)",
     )
     col.add_argument("--device", help="cuda or cpu, in-process (default: cuda when available)")
     col.add_argument(
-        "--threads", type=int, help="torch threads per process (Ray CPU workers: one per CPU they reserve)"
+        "--threads", type=_whole(1), help="torch threads per process (Ray CPU workers: one per CPU they reserve)"
     )
     col.add_argument(
         "--ray", action="store_true", help="run the shards on Ray Data (a local instance unless --ray-address)"
     )
     col.add_argument("--ray-address", help="address of a running Ray cluster (implies --ray)")
-    col.add_argument("--workers", type=int, help="Ray model actors (default: one per GPU, else 2)")
+    col.add_argument("--workers", type=_whole(1), help="Ray model actors (default: one per GPU, else 2)")
     col.add_argument(
-        "--gpus-per-worker", type=float, help="GPUs per Ray actor (default: 1 when the cluster has GPUs, else 0)"
+        "--gpus-per-worker", type=_real(0), help="GPUs per Ray actor (default: 1 when the cluster has GPUs, else 0)"
     )
     col.add_argument("--quiet", action="store_true", help="no progress bars")
     col.set_defaults(run=cmd_collect)
     return parser
 
 
+def describe(error: BaseException) -> str:
+    """A user error as one line: OSErrors as 'file: reason', other messages with their line breaks joined."""
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.filename}: {error.strerror}" if error.filename is not None else error.strerror
+    else:
+        text = str(error) or ("out of memory" if isinstance(error, MemoryError) else type(error).__name__)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit status (see the module docstring). Bad arguments exit from the parser."""
     args = build_parser().parse_args(argv)
+    command = f"dsv2viz {args.command}"
     try:
         args.run(args)
+    except KeyboardInterrupt:
+        print(f"\n{command}: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    except BrokenPipeError:  # the reader went away (`dsv2viz info ... | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return USER_ERROR_STATUS
     except USER_ERRORS as e:
-        print(f"dsv2viz {args.command}: error: {visible_controls(str(e))}", file=sys.stderr)
-        return 1
+        print(f"{command}: error: {visible_controls(describe(e))}", file=sys.stderr)
+        return USER_ERROR_STATUS
     return 0
 
 

@@ -45,16 +45,23 @@ def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES, error
     size = path.stat().st_size
     if size > max_bytes:
         raise error(f"{path}: {size:,} bytes, over the {max_bytes:,} a JSON file may have here; is it the right file?")
+    return parse_json(path.read_bytes(), str(path), error=error)
+
+
+def parse_json(data: bytes, source: str = "", *, error: type[Exception] = ValueError) -> Any:
+    """The parsed value of JSON bytes already read (a safetensors header, a JSONL line), or `error` with one
+    line saying what is wrong, after ``source: `` when a source (what the bytes are) is given."""
+    prefix = f"{source}: " if source else ""
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise error(f"{prefix}not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{prefix}not valid JSON ({e})") from None
     except RecursionError:
-        raise error(f"{path}: JSON nested too deeply to read") from None
+        raise error(f"{prefix}JSON nested too deeply to read") from None
     except ValueError as e:  # a number past Python's limit on integer digits
-        raise error(f"{path}: not readable JSON ({e})") from None
+        raise error(f"{prefix}not readable JSON ({e})") from None
 
 
 def temporary_name(path: Path) -> Path:

@@ -5,9 +5,10 @@ without any Python code from the checkpoint) and, optionally, ``tokenizer_config
 BOS/EOS strings, ``add_bos_token`` and a Jinja ``chat_template``. We read those plain-data files
 ourselves instead of going through transformers, so loading never runs checkpoint code, and we check
 that the BOS/EOS ids in ``config.json`` are the ids this tokenizer really gives those tokens: a
-mismatch would silently feed the model the wrong start token. Chat templates render in Jinja's
-immutable sandbox. `byte_level_bpe` and `write_tokenizer_files` build small tokenizers in the same
-format, for test checkpoints and demos.
+mismatch would silently feed the model the wrong start token; given the model's vocab_size, we also
+check that the tokenizer cannot produce an id the embedding lacks. Chat templates render in Jinja's
+immutable sandbox, within limits on size and work (`dsv2viz.chat_template`). `byte_level_bpe` and
+`write_tokenizer_files` build small tokenizers in the same format, for test checkpoints and demos.
 
 Every token id has exact bytes (:meth:`Tokenizer.token_bytes`): a byte-level vocabulary string stands
 for its bytes through GPT-2's byte<->unicode table (each of the 256 bytes is one printable character:
@@ -27,12 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from jinja2 import TemplateError
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .files import atomic_path, atomic_write
+from .files import atomic_path, atomic_write, read_json
 from .text import TextStream, decode, label
 
 DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
@@ -76,21 +74,49 @@ def _vocab_bytes(token: str) -> bytes:
 
 
 def _raise_exception(message: str) -> None:
+    from jinja2 import TemplateError
+
     raise TemplateError(message)
 
 
-def _read_json(path: Path) -> tuple[str, Any]:
-    """The text of a JSON file and its parsed value."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        return text, json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path} is not valid JSON: {e}") from e
+def _token_text(value: Any, where: str) -> str | None:
+    """A token as tokenizer_config.json writes it: a plain string or an AddedToken dict (None: not given)."""
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise TokenizerError(f"{where} must be a string or an AddedToken object with a 'content' string")
+    return text
 
 
-def _token_text(value: Any) -> str | None:
-    """A token as tokenizer_config.json writes it: a plain string or an AddedToken dict."""
-    return value.get("content") if isinstance(value, dict) else value
+def _uses_byte_level(pre_tokenizer: dict | None) -> bool:
+    """Whether the model's tokens are spelled in byte-level symbols (one character per byte)."""
+    if pre_tokenizer is None:
+        return False
+    if pre_tokenizer.get("type") == "Sequence":
+        return any(_uses_byte_level(p) for p in pre_tokenizer.get("pretokenizers", []))
+    return pre_tokenizer.get("type") == "ByteLevel"
+
+
+def _keeps_every_byte(pre_tokenizer: dict | None) -> bool:
+    """Whether a pre-tokenizer (as tokenizer.json spells it) passes every byte of the text on to the model:
+    splitting and byte mapping do, pre-tokenizers that drop whitespace or delimiters do not."""
+    if pre_tokenizer is None:
+        return True
+    kind = pre_tokenizer.get("type")
+    if kind == "Sequence":
+        return all(_keeps_every_byte(p) for p in pre_tokenizer.get("pretokenizers", []))
+    if kind in ("Split", "Punctuation"):
+        return pre_tokenizer.get("behavior") != "Removed"
+    return kind in ("ByteLevel", "Metaspace", "Digits", "UnicodeScripts")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _one_line(text: str) -> str:
+    """An error message from a template (Jinja's name the line and quote it below) on one line."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 class Tokenizer:
@@ -121,13 +147,19 @@ class Tokenizer:
 
     @classmethod
     def from_dir(
-        cls, path: str | os.PathLike, *, bos_token_id: int | None = None, eos_token_id: int | None = None
+        cls,
+        path: str | os.PathLike,
+        *,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        vocab_size: int | None = None,
     ) -> Tokenizer:
         """Load ``tokenizer.json`` (+ optional ``tokenizer_config.json``) from a checkpoint folder.
 
         `bos_token_id` / `eos_token_id` are config.json's ids; when given they must match the ids the
         tokenizer gives the BOS/EOS strings. Without tokenizer_config.json, BOS/EOS are the tokens at
-        those ids, or DeepSeek's strings when no ids are given.
+        those ids, or DeepSeek's strings when no ids are given. `vocab_size` is config.json's: when
+        given, every id the tokenizer can produce must be below it (the embedding has that many rows).
         """
         folder = Path(path)
         tok_path, cfg_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
@@ -136,16 +168,30 @@ class Tokenizer:
                 f"{tok_path} not found: a tokenizer folder needs tokenizer.json "
                 "(the `tokenizers` library's serialized tokenizer)"
             )
+        read_json(tok_path, error=TokenizerError)  # bounded, and well-formed before the Rust parser sees it
         try:
-            tok = tokenizers.Tokenizer.from_str(_read_json(tok_path)[0])
+            tok = tokenizers.Tokenizer.from_file(str(tok_path))
         except Exception as e:  # the Rust library raises a bare Exception
             raise TokenizerError(f"{tok_path} is not a tokenizers tokenizer: {e}") from e
-        cfg = _read_json(cfg_path)[1] if cfg_path.is_file() else {}
+        cfg = read_json(cfg_path, error=TokenizerError) if cfg_path.is_file() else {}
         if not isinstance(cfg, dict):
             raise TokenizerError(f"{cfg_path} must hold a JSON object")
+        if vocab_size is not None:
+            highest = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
+            if highest >= vocab_size:
+                raise TokenizerError(
+                    f"{tok_path} has token ids up to {highest}, but config.json's vocab_size is {vocab_size}: "
+                    f"the model has no embedding for ids {vocab_size} and up; this tokenizer belongs to another model"
+                )
+        add_bos = cfg.get("add_bos_token", True)
+        if not isinstance(add_bos, bool):
+            raise TokenizerError(f"{cfg_path}: add_bos_token must be true or false")
+        template = cfg.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{cfg_path}: chat_template must be a string")
         specials = {}
         for name, given_id, fallback in (("bos", bos_token_id, DEEPSEEK_BOS), ("eos", eos_token_id, DEEPSEEK_EOS)):
-            text = _token_text(cfg.get(f"{name}_token"))
+            text = _token_text(cfg.get(f"{name}_token"), f"{cfg_path}: {name}_token")
             if text is None:
                 text = tok.id_to_token(given_id) if given_id is not None else fallback
             actual = tok.token_to_id(text) if text is not None else None
@@ -155,18 +201,33 @@ class Tokenizer:
                     f"{name} token {text!r} id {actual}"
                 )
             specials[f"{name}_token"] = text
-        return cls(
-            tok,
-            **specials,
-            add_bos_token=bool(cfg.get("add_bos_token", True)),
-            chat_template=cfg.get("chat_template"),
-            source=str(tok_path),
-        )
+        return cls(tok, **specials, add_bos_token=add_bos, chat_template=template, source=str(tok_path))
 
     @property
     def vocab_size(self) -> int:
         """Tokens the tokenizer knows, added tokens included (may be below the model's vocab_size)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int | None:
+        """The most bytes of text one token can stand for, added tokens included: a text of B UTF-8 bytes
+        has at least ceil(B / max_token_bytes) tokens, which bounds a document's length before tokenizing it.
+
+        None when that bound does not hold: a normalizer or a pre-tokenizer that drops text (whitespace,
+        delimiters) can make a long text few tokens. DeepSeek's byte-level BPE has neither.
+        """
+        spec = json.loads(self._tok.to_str())
+        pre = spec.get("pre_tokenizer")
+        if spec.get("normalizer") not in (None, {"type": "Sequence", "normalizers": []}) or not _keeps_every_byte(pre):
+            return None
+        added = {t["content"] for t in spec.get("added_tokens", [])}  # matched in the text as they are spelled
+        byte_level = _uses_byte_level(pre)
+        # a byte-level token spells each byte with one character ('Ġ' is a space); any other token's UTF-8
+        # spelling is never shorter than the bytes it stands for ('▁' is 3 bytes for a space)
+        return max(
+            (len(t) if byte_level and t not in added else len(t.encode("utf-8")) for t in self._tok.get_vocab(True)),
+            default=1,
+        )
 
     @property
     def bos_token(self) -> str:
@@ -220,24 +281,35 @@ class Tokenizer:
         """Each token id shown alone: its complete characters as text, its other bytes in hex (`dsv2viz.text.label`)."""
         return id_labels(self, ids)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render a conversation with the folder's chat template (DeepSeek-V2's by default), sandboxed."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **limits: Any) -> str:
+        """Render a conversation with the folder's chat template (DeepSeek-V2's by default), sandboxed and
+        within limits on size and work (`limits`: max_chars, max_steps, max_seconds of
+        `dsv2viz.chat_template.render_chat_template`); every failure is a one-line TokenizerError."""
+        if not isinstance(messages, (list, tuple)):
+            raise TokenizerError(
+                f"messages must be a list of {{'role': ..., 'content': ...}} dicts, not {type(messages).__name__}"
+            )
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise TokenizerError(f"message {i} needs a 'role' string: {message!r}")
+                raise TokenizerError(f"message {i} needs a 'role' string: {_short(message)}")
             if not isinstance(message.get("content"), str):
-                raise TokenizerError(f"message {i} ({message['role']}) needs a 'content' string")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.globals["raise_exception"] = _raise_exception
+                raise TokenizerError(f"message {i} ({_short(message['role'])}) needs a 'content' string")
+        from .chat_template import ChatTemplateLimit, render_chat_template  # Jinja loads when a template is used
+
+        variables = dict(
+            messages=messages,
+            bos_token=self._bos_token,
+            eos_token=self._eos_token,
+            add_generation_prompt=add_generation_prompt,
+        )
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages,
-                bos_token=self._bos_token,
-                eos_token=self._eos_token,
-                add_generation_prompt=add_generation_prompt,
+            return render_chat_template(
+                self.chat_template, variables, globals={"raise_exception": _raise_exception}, **limits
             )
+        except ChatTemplateLimit as e:
+            raise TokenizerError(f"chat template stopped: {e}") from e
         except Exception as e:  # the template is checkpoint data and may fail any way it likes
-            raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from e
+            raise TokenizerError(f"chat template failed: {type(e).__name__}: {_one_line(str(e))}") from e
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation; the template's BOS is not doubled."""

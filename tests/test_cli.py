@@ -39,7 +39,7 @@ def test_info_reports_what_the_files_hold(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["info", "{tmp}/missing"], "no config.json"),
+        (["info", "{tmp}/missing"], "no such folder"),
         (["report", "{tmp}", "-o", "{tmp}/r.html"], "no trace.json; not a trace folder"),
         (
             ["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "5000"],
@@ -130,3 +130,23 @@ def test_report_refuses_a_path_inside_a_trace_folder(tmp_path, capsys):
     Trace.load(tmp_path / "t")
     assert main(["report", str(tmp_path / "t"), "-o", str(tmp_path / "t.html")]) == 0
     assert (tmp_path / "t.html").read_text(encoding="utf-8").endswith("</html>\n")
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    from dsv2viz import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert main(["info", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "dsv2viz info: interrupted"
+
+
+def test_user_errors_are_described_in_one_line():
+    from dsv2viz.cli import describe
+
+    assert describe(PermissionError(13, "Permission denied", "/m/config.json")) == "/m/config.json: Permission denied"
+    assert describe(IsADirectoryError(21, "Is a directory")) == "Is a directory"
+    assert describe(ValueError("first line\n  second line\n")) == "first line second line"
+    assert describe(MemoryError()) == "out of memory"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import dsv2viz
 from dsv2viz import CheckpointError, TokenizerError
+from dsv2viz.loading import DeviceError
 from dsv2viz.random_checkpoint import TINY_CONFIG, write_random_checkpoint
 
 
@@ -157,3 +159,83 @@ def test_peak_host_memory_stays_under_1_2x_the_checkpoint(tmp_path):
     )
     assert growth > 0.9 * size, "the measurement missed the weights: it cannot be trusted"
     assert growth < 1.2 * size, f"peak RSS grew by {growth / size:.2f}x the checkpoint's {size} bytes"
+
+
+# ----- bounded before allocating: memory, devices, dtypes, tokenizer ids ------------------------------------
+def test_weights_that_do_not_fit_are_refused_before_anything_is_built(random_ckpt, monkeypatch):
+    from dsv2viz import loading
+
+    needed = TINY_CONFIG.num_parameters * 4  # fp32 on CPU
+    monkeypatch.setattr(loading, "available_memory", lambda device: needed - 1)
+    monkeypatch.setattr(loading, "DeepseekV2ForCausalLM", None)  # building a model would fail
+    with pytest.raises(DeviceError) as err:
+        dsv2viz.load(random_ckpt, device="cpu", dtype=torch.float32, progress=False)
+    assert f"its {TINY_CONFIG.num_parameters:,} parameters need" in str(err.value) and "float32" in str(err.value)
+    assert "bfloat16 halves float32" in str(err.value)  # the fix, named
+    monkeypatch.undo()
+    monkeypatch.setattr(loading, "available_memory", lambda device: needed)  # exactly enough
+    assert dsv2viz.load(random_ckpt, device="cpu", dtype=torch.float32, progress=False).config == TINY_CONFIG
+
+
+def test_an_absurd_config_fails_at_once_without_weights(tmp_path):
+    """10^12 parameters: the memory check answers from the shapes, before the (missing) weights are looked for."""
+    raw = {**TINY_CONFIG.to_dict(), "vocab_size": 2**21, "hidden_size": 2**16, "intermediate_size": 2**18}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    start = time.perf_counter()
+    with pytest.raises(DeviceError, match="free; use a device with more memory") as err:
+        dsv2viz.load(tmp_path, device="cpu", progress=False)
+    assert time.perf_counter() - start < 2
+    assert str(tmp_path / "config.json") in str(err.value) and "GiB" in str(err.value)
+
+
+def test_available_cpu_memory_is_what_the_kernel_reports():
+    from dsv2viz.loading import available_memory
+
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    reported = int(meminfo["MemAvailable"].split()[0]) * 1024
+    assert abs(available_memory(torch.device("cpu")) - reported) < 256 * 2**20  # it moves between the two reads
+    assert available_memory(torch.device("cpu")) <= int(meminfo["MemTotal"].split()[0]) * 1024
+
+
+@pytest.mark.parametrize(
+    "device, cuda, message",
+    [
+        ("tpu", False, "device 'tpu' is not a device: use 'cpu', 'cuda' or 'cuda:N'"),
+        ("meta", False, "device 'meta' is not supported: dsv2viz runs on 'cpu' or 'cuda'"),
+        (3.5, False, "device 3.5 is not a device"),
+        ("cuda", False, "device 'cuda' is not available: this torch sees no CUDA GPU"),
+        ("cuda:3", True, "device 'cuda:3' does not exist: this machine has 1 CUDA device(s)"),
+    ],
+)
+def test_devices_are_checked_before_any_file_is_read(tmp_path, monkeypatch, device, cuda, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError) as err:  # not ConfigError: the empty folder's config is never read
+        dsv2viz.load(tmp_path, device=device, progress=False)
+    assert str(err.value).startswith(message)
+
+
+def test_dtype_must_be_floating_point(random_ckpt):
+    with pytest.raises(DeviceError, match=r"dtype=torch\.int8 is not a floating-point torch dtype"):
+        dsv2viz.load(random_ckpt, device="cpu", dtype=torch.int8, progress=False)
+
+
+def test_integer_weights_are_refused_before_any_weight_is_read(random_ckpt, monkeypatch):
+    from dsv2viz.checkpoint import Checkpoint
+
+    rewrite_weights(random_ckpt, lambda s: s.update({k: s[k].to(torch.int32) for k in list(s)[:3]}))
+    monkeypatch.setattr(Checkpoint, "iter_tensors", None)  # reading a weight would fail
+    with pytest.raises(CheckpointError) as err:
+        dsv2viz.load(random_ckpt, progress=False)
+    first = sorted(load_file(random_ckpt / "model.safetensors"))[0]
+    assert f"tensor '{first}' is stored as int32 (3 tensors are not floating point)" in str(err.value)
+
+
+def test_a_tokenizer_with_ids_past_the_embedding_is_refused(random_ckpt):
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(str(random_ckpt / "tokenizer.json"))
+    tok.add_special_tokens(["<|tool|>"])  # id 258: the embedding has rows 0..257
+    tok.save(str(random_ckpt / "tokenizer.json"))
+    with pytest.raises(TokenizerError, match=r"ids up to 258, but config\.json.s vocab_size is 258"):
+        dsv2viz.load(random_ckpt, progress=False)

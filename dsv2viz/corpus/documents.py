@@ -8,18 +8,29 @@ inputs, so nothing but the small plan travels to workers.
 
 A record that cannot be read (a line that is not JSON, an object without the text field, a text that is
 not UTF-8) becomes a :class:`Document` carrying an ``error`` instead of a text: it is reported and
-skipped, and never stops the job.
+skipped, and never stops the job. So does a record too long to be routed: given the most bytes of text a
+document may have (``max_text_bytes``, which the collection derives from ``max_tokens`` and the
+tokenizer's longest token), a longer one is skipped unread, never loaded whole, let alone tokenized; no
+record is ever read past ``MAX_RECORD_BYTES``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..files import parse_json
+
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
+
+#: The most bytes of one record read in any case: about 400 times the text of DeepSeek-V2's longest context.
+MAX_RECORD_BYTES = 64 * 2**20
+#: JSON spells one byte of text in at most 6 (``\u0001``); a JSONL line also holds the id and other fields.
+JSON_BYTES_PER_TEXT_BYTE = 6
+JSON_OTHER_FIELDS_BYTES = 2**16
+_CHUNK = 2**20
 
 
 class CollectError(ValueError):
@@ -114,13 +125,21 @@ def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _jsonl_line_starts(path: Path) -> list[tuple[int, int]]:
-    """(byte offset, line number) of the non-blank lines of a JSONL file (one record each)."""
-    starts, pos = [], 0
+    """(byte offset, line number) of the non-blank lines of a JSONL file (one record each), read in chunks,
+    so a huge line costs no more memory than a short one."""
+    starts: list[tuple[int, int]] = []
+    pos, number, line_start, blank = 0, 1, 0, True  # the current line: where it starts, and blank so far
     with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                starts.append((pos, number))
-            pos += len(line)
+        while chunk := f.read(_CHUNK):
+            begin = 0
+            while (end := chunk.find(b"\n", begin)) >= 0:
+                if not (blank and _blank(chunk[begin:end])):
+                    starts.append((line_start, number))
+                number, line_start, blank, begin = number + 1, pos + end + 1, True, end + 1
+            blank = blank and _blank(chunk[begin:])
+            pos += len(chunk)
+    if not blank:
+        starts.append((line_start, number))
     return starts
 
 
@@ -182,33 +201,69 @@ def plan_shards(
     return files, shards
 
 
-def _text_file(path: str, index: int) -> Document:
+def _blank(data: bytes) -> bool:
+    return not data.strip()
+
+
+def _too_long(size: int, limit: int, what: str) -> str:
+    return (
+        f"{what} of {size:,} bytes, over the {limit:,} that any document within --max-tokens can have: "
+        "raise --max-tokens or split the document; it was skipped unread, not truncated"
+    )
+
+
+def _text_file(path: str, index: int, max_text_bytes: int) -> Document:
+    size = Path(path).stat().st_size
+    if size > max_text_bytes:
+        return Document(index, path, None, _too_long(size, max_text_bytes, "a text"))
     try:
         return Document(index, path, Path(path).read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         return Document(index, path, None, f"not UTF-8 text ({e})")
 
 
-def _jsonl(path: str, seg: Segment, first: int, text_field: str, id_field: str) -> Iterator[Document]:
+def _skip_rest_of_line(f, blank: bool) -> tuple[int, bool]:
+    """Read past the end of the current line in bounded chunks: (bytes skipped, whether the line is blank,
+    given whether it was so far)."""
+    skipped = 0
+    while part := f.readline(_CHUNK):
+        skipped += len(part)
+        blank = blank and _blank(part)
+        if part.endswith(b"\n"):
+            break
+    return skipped, blank
+
+
+def _jsonl(
+    path: str, seg: Segment, first: int, text_field: str, id_field: str, max_text_bytes: int
+) -> Iterator[Document]:
+    max_line = max_text_bytes * JSON_BYTES_PER_TEXT_BYTE + JSON_OTHER_FIELDS_BYTES
     with open(path, "rb") as f:
         f.seek(seg.offset)
         record, number = seg.start, seg.line - 1
         while record < seg.stop:
-            raw = f.readline()
+            raw = f.readline(max_line + 1)
             number += 1
             index = first + record - seg.start
             if not raw:
                 yield Document(index, f"{path}:end", None, "the file ended early: it changed since the job was planned")
                 record += 1
                 continue
+            line_no = f"{path}:{number}"
+            if len(raw) > max_line and not raw.endswith(b"\n"):
+                skipped, blank = _skip_rest_of_line(f, _blank(raw))
+                if blank:  # as planning counted it: not a record
+                    continue
+                record += 1
+                yield Document(index, line_no, None, _too_long(len(raw) + skipped, max_line, "a JSON line"))
+                continue
             if not raw.strip():
                 continue
-            line_no = f"{path}:{number}"
             record += 1
             try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                yield Document(index, line_no, None, f"not valid JSON ({e})")
+                obj = parse_json(raw)
+            except ValueError as e:
+                yield Document(index, line_no, None, str(e))
                 continue
             if not isinstance(obj, dict):
                 yield Document(
@@ -221,10 +276,22 @@ def _jsonl(path: str, seg: Segment, first: int, text_field: str, id_field: str) 
                 what = "missing" if text_field not in obj else f"a {type(text).__name__}, not a string"
                 yield Document(index, doc_id, None, f"field {text_field!r} is {what}")
                 continue
+            try:
+                size = len(text.encode("utf-8"))
+            except UnicodeEncodeError as e:  # JSON can spell a lone surrogate, "\ud800"
+                yield Document(index, doc_id, None, f"field {text_field!r} is not valid Unicode ({e.reason})")
+                continue
+            if size > max_text_bytes:
+                yield Document(index, doc_id, None, _too_long(size, max_text_bytes, "a text"))
+                continue
             yield Document(index, doc_id, text)
 
 
-def _parquet(path: str, seg: Segment, first: int, text_field: str, id_field: str) -> Iterator[Document]:
+def _parquet(
+    path: str, seg: Segment, first: int, text_field: str, id_field: str, max_text_bytes: int
+) -> Iterator[Document]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -235,11 +302,17 @@ def _parquet(path: str, seg: Segment, first: int, text_field: str, id_field: str
         lo, hi = max(seg.start, row), min(seg.stop, row + n)
         if lo < hi:
             table = pf.read_row_group(g, columns=columns).slice(lo - row, hi - lo)
-            texts = table.column(text_field).to_pylist()
-            ids = table.column(id_field).to_pylist() if len(columns) == 2 else [None] * len(texts)
-            for k, (text, doc_id) in enumerate(zip(texts, ids)):
+            column = table.column(text_field)
+            is_text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            sizes = pc.binary_length(column).to_pylist() if is_text else [None] * len(column)
+            ids = table.column(id_field).to_pylist() if len(columns) == 2 else [None] * len(column)
+            for k, (size, doc_id) in enumerate(zip(sizes, ids)):
                 r = lo + k
                 name = str(doc_id) if doc_id is not None else f"{path}:row {r}"
+                if size is not None and size > max_text_bytes:  # not even made a Python string
+                    yield Document(first + r - seg.start, name, None, _too_long(size, max_text_bytes, "a text"))
+                    continue
+                text = column[k].as_py()
                 if isinstance(text, str):
                     yield Document(first + r - seg.start, name, text)
                 else:
@@ -253,18 +326,27 @@ def _parquet(path: str, seg: Segment, first: int, text_field: str, id_field: str
 
 
 def read_shard(
-    files: Sequence[InputFile], spec: ShardSpec, text_field: str = "text", id_field: str = "id"
+    files: Sequence[InputFile],
+    spec: ShardSpec,
+    text_field: str = "text",
+    id_field: str = "id",
+    max_text_bytes: int | None = None,
 ) -> list[Document]:
-    """The documents of one shard, in record order, bad records included as errors."""
+    """The documents of one shard, in record order, bad records included as errors.
+
+    A text of more than `max_text_bytes` UTF-8 bytes (at most MAX_RECORD_BYTES) is an error read no further
+    than needed to know it; so is a JSONL line longer than any line holding such a text can be.
+    """
+    limit = min(max_text_bytes or MAX_RECORD_BYTES, MAX_RECORD_BYTES)
     docs: list[Document] = []
     first = spec.first_doc
     for seg in spec.segments:
         f = files[seg.file]
         if f.kind == "text":
-            docs.append(_text_file(f.path, first))
+            docs.append(_text_file(f.path, first, limit))
         elif f.kind == "jsonl":
-            docs += _jsonl(f.path, seg, first, text_field, id_field)
+            docs += _jsonl(f.path, seg, first, text_field, id_field, limit)
         else:
-            docs += _parquet(f.path, seg, first, text_field, id_field)
+            docs += _parquet(f.path, seg, first, text_field, id_field, limit)
         first += seg.stop - seg.start
     return docs

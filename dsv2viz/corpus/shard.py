@@ -20,6 +20,7 @@ whose summary exists is complete):
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,15 @@ class CollectSettings:
     max_tokens: int | None = None  # longer documents are skipped and reported; None: min(context, 4096)
     near_tie_threshold: float | None = None  # absolute margin; None: 2**-8 of the K-th probability (bf16 rounding)
     add_bos: bool | None = None  # None: the tokenizer's add_bos_token
+
+    def __post_init__(self) -> None:
+        for name in ("docs_per_shard", "batch_tokens", "max_tokens"):
+            value = getattr(self, name)
+            if not (value is None and name == "max_tokens") and not (_is_int(value) and value >= 1):
+                raise CollectError(f"{name}={value!r} must be a whole number of at least 1")
+        t = self.near_tie_threshold
+        if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < math.inf):
+            raise CollectError(f"near_tie_threshold={t!r} must be a finite number >= 0")
 
     def token_limit(self, model: DeepseekV2ForCausalLM) -> int:
         ctx = model.config.max_position_embeddings
@@ -121,12 +131,15 @@ class ShardRunner:
         self.model, self.files, self.settings, self.out = model, list(files), settings, Path(out)
         self.on_tokens = on_tokens  # called after each batch with the number of document tokens it routed
         self.limit = settings.token_limit(model)
+        # a text of more bytes has more than `limit` tokens: skipped unread, never tokenized
+        longest = model.tokenizer.max_token_bytes
+        self.max_text_bytes = None if longest is None else self.limit * longest
 
     def run(self, spec: ShardSpec) -> dict:
         """Route every readable document of `spec`, write the shard's files, return its summary."""
         start = time.perf_counter()
         docs, ids, skipped = [], [], []
-        for doc in read_shard(self.files, spec, self.settings.text_field, self.settings.id_field):
+        for doc in read_shard(self.files, spec, self.settings.text_field, self.settings.id_field, self.max_text_bytes):
             reason, tokens = self._tokenize(doc)
             if reason:
                 skipped.append({"doc_index": doc.index, "doc_id": doc.doc_id, "reason": reason})
@@ -232,3 +245,7 @@ class ShardRunner:
         arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         order = np.lexsort((arrays["layer"], arrays["position"], arrays["doc_index"]))
         return {k: v[order] for k, v in arrays.items()}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

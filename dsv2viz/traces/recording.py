@@ -12,9 +12,12 @@ pass its memory budget, naming the parts to drop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Literal
+
+import numpy as np
 
 from ..config import DeepseekV2Config
 
@@ -45,11 +48,31 @@ class Recording:
     memory_budget: int = 2 * 2**30  # bytes; the trace refuses to start past this
 
     def __post_init__(self) -> None:
-        for name in ("attention_layers", "attention_heads"):  # tuples: hashable, and equal after a JSON round trip
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
+        """Check every setting's type and range (one-line ValueError naming it) before anything is estimated."""
         if self.attention not in ("none", "last_row", "full"):
             raise ValueError(f"attention={self.attention!r}: use 'none', 'last_row' or 'full'")
+        for name in ("routing", "router_probs", "latents", "queries", "full_logits", "residual_norms", "moe_norms"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if not _is_int(self.top_logits) or self.top_logits < 0:
+            raise ValueError(f"top_logits={self.top_logits!r} must be a whole number >= 0")
+        if not _is_int(self.memory_budget) or self.memory_budget < 0:
+            raise ValueError(
+                f"memory_budget={self.memory_budget!r} must be a whole number of bytes >= 0 (e.g. 2 * 2**30 for 2 GiB)"
+            )
+        for name in ("top_logits", "memory_budget"):  # numpy integers as plain ints: they go into trace JSON
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("attention_layers", "attention_heads"):  # tuples: hashable, and equal after a JSON round trip
+            items = getattr(self, name)
+            if items is None:
+                continue
+            if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+                raise ValueError(f"{name}={items!r} must be a list of indices, e.g. [0, 3]")
+            items = list(items)
+            bad = [i for i in items if not _is_int(i) or i < 0]
+            if bad:
+                raise ValueError(f"{name} {bad!r}: indices must be whole numbers >= 0 (no negative indexing)")
+            object.__setattr__(self, name, tuple(int(i) for i in items))
 
     @classmethod
     def off(cls) -> Recording:
@@ -95,11 +118,11 @@ class Recording:
         if total <= self.memory_budget:
             return total
         biggest = sorted(((n, b) for n, b in parts.items() if b), key=lambda nb: -nb[1])
-        listing = ", ".join(f"{n} {_gib(b)}" for n, b in biggest[:3])
+        listing = ", ".join(f"{n} {format_bytes(b)}" for n, b in biggest[:3])
         advice = _ADVICE.get(biggest[0][0], "record less")
         raise TraceBudgetError(
-            f"this trace would hold {_gib(total)} for {prompt_len} + {new_tokens} tokens, over its budget of "
-            f"{_gib(self.memory_budget)} (largest: {listing}). To fit: {advice}; or raise memory_budget."
+            f"this trace would hold {format_bytes(total)} for {prompt_len} + {new_tokens} tokens, over its budget of "
+            f"{format_bytes(self.memory_budget)} (largest: {listing}). To fit: {advice}; or raise memory_budget."
         )
 
 
@@ -116,6 +139,11 @@ _ADVICE = {
 }
 
 
+def _is_int(value: object) -> bool:
+    """An integer (numpy's included), not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool | np.bool_)
+
+
 def _checked(items: Sequence[int] | range, n: int, what: str) -> list[int]:
     out = sorted({int(i) for i in items})
     bad = [i for i in out if not 0 <= i < n]
@@ -124,5 +152,6 @@ def _checked(items: Sequence[int] | range, n: int, what: str) -> list[int]:
     return out
 
 
-def _gib(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """Bytes for a person: GiB from a quarter GiB up, else MiB."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
