@@ -93,14 +93,13 @@ def test_the_model_imports_nothing_that_builds_on_it():
 
 
 def test_import_dsv2viz_loads_torch_safetensors_and_tokenizers_only():
-    heavy = [
+    heavy = [  # (not tqdm: torch itself imports it)
         "plotly",
         "pandas",
         "ipywidgets",
         "ray",
         "pyarrow",
         "jinja2",
-        "tqdm",
         "matplotlib",
         "transformers",
         "IPython",
