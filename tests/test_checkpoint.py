@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import tqdm.auto
 from conftest import peak_rss_growth
 from safetensors.torch import load_file, save_file
 
-import dsv2viz.checkpoint as checkpoint_module
 from dsv2viz.checkpoint import CheckpointError, open_checkpoint
 
 SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
@@ -245,7 +245,7 @@ def test_progress_bar_counts_bytes_and_closes_on_error(sharded: Path, monkeypatc
         def __exit__(self, *exc) -> None:
             self.close()
 
-    monkeypatch.setattr(checkpoint_module, "tqdm", FakeBar)
+    monkeypatch.setattr(tqdm.auto, "tqdm", FakeBar)  # iter_tensors imports it when it reads
     ckpt = open_checkpoint(sharded)
     list(ckpt.iter_tensors(progress=True))
     assert [b.kwargs["desc"] for b in bars] == SHARDS
