@@ -47,6 +47,6 @@ def test_candidates_are_the_distribution_each_token_was_drawn_from(tiny_model):
         full = trace.tensors["logprobs"][step.index].exp()
         assert torch.equal(ids, full.topk(len(ids)).indices) and torch.allclose(probs, full[ids])
     for position in (0, len(PROMPT) - 2, len(trace) - 1):
-        with pytest.raises(TraceError, match="no next-token candidates after position"):
+        with pytest.raises(TraceError, match="no next-token distribution after position"):
             trace.candidates(position)
     assert [trace.step_of(s.position) for s in steps] == [s.index for s in steps] == list(range(5))
