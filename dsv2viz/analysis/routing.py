@@ -262,6 +262,8 @@ def moe_contributions(traces: Traces) -> pd.DataFrame:
     """
 
     def one(t: Trace) -> pd.DataFrame:
+        if not t.moe_layers:
+            raise ValueError("this model has no MoE layers: it has no routed or shared experts to measure")
         norms = [t.moe_norms(layer) for layer in t.moe_layers]
         routed = torch.stack([r for r, _ in norms]).double()  # (M, S)
         shared = torch.stack([s for _, s in norms]).double()  # (M, S), zeros without shared experts
