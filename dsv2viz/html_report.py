@@ -7,7 +7,6 @@ recorded says which ``Recording`` setting would have recorded it. All token text
 
 from __future__ import annotations
 
-import contextlib
 import html
 import os
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import plotly.graph_objects as go
 
 from . import analysis, plots
 from .files import atomic_write
-from .traces import Trace, TraceError
+from .traces import Trace
 from .traces.trace import is_trace_folder
 
 if TYPE_CHECKING:
@@ -31,6 +30,12 @@ class Section:
     why: str  # one sentence: what the view shows and why it matters
     figure: go.Figure | None = None
     missing: str | None = None  # what to record to get this view
+    view: str | None = None  # the trace view it draws (``Trace.missing``'s names); None: needs no recording
+
+
+def _not_recorded(trace: Trace, title: str, view: str) -> Section:
+    """The note that stands where `view`'s figures would be, naming the Recording setting that records it."""
+    return Section(title, "", missing=trace.missing(view), view=view)
 
 
 def report(
@@ -62,70 +67,30 @@ def check_report_path(path: str | os.PathLike) -> Path:
 
 
 def build_sections(trace: Trace, model: DeepseekV2ForCausalLM | None) -> list[Section]:
-    """Every view the trace supports, in reading order."""
+    """Every view the trace supports, in reading order; a view it did not record is a note saying how to."""
     out: list[Section] = []
-    moe = trace.moe_layers
-    has = trace.tensors.__contains__
-    if moe and has("topk_idx"):
-        mid = moe[len(moe) // 2]
-        for layer in dict.fromkeys([moe[0], mid, moe[-1]]):
-            out.append(
-                Section(
-                    f"Tokens by top-1 expert, layer {layer}",
-                    "Each token coloured by the expert its router ranked first: runs of one colour are text an expert owns.",
-                    plots.token_strip(trace, layer),
-                )
-            )
-        last = len(trace) - 1
-        out.append(
-            Section(
-                f"Routing of the last token across layers (position {last})",
-                "Which experts one token visits layer by layer, and with what weight.",
-                plots.routing_across_layers(trace, last),
-            )
-        )
-        out.append(
-            Section(
-                "Expert utilization",
-                "Tokens per expert and layer; the load-balance figures show idle or overloaded experts.",
-                plots.utilization_heatmap(analysis.expert_utilization(trace)),
-            )
-        )
-        out.append(
-            Section(
-                f"Expert co-activation, layer {mid}",
-                "How often two experts serve the same token: teams of experts show as bright off-diagonal cells.",
-                plots.coactivation_matrix(analysis.coactivation(trace, mid), mid),
-            )
-        )
-        out.append(
-            Section(
-                "Routing confidence",
-                "Margin between the k-th and (k+1)-th expert and routing entropy; marked cells are near-ties a bf16 rounding could flip.",
-                plots.routing_confidence(trace),
-            )
-        )
-        out.append(
-            Section(
-                f"Top tokens per expert, layer {mid}",
-                "What each expert specializes in: the tokens routed to it most often.",
-                plots.top_tokens_per_expert(analysis.top_tokens_per_expert(trace, mid)),
-            )
-        )
-    elif moe:
-        out.append(Section("Routing", "", missing="Recording(routing=True)"))
+    if trace.moe_layers:
+        out += _routing_sections(trace) if trace.has("routing") else [_not_recorded(trace, "Routing", "routing")]
     out += _attention_sections(trace)
-    if has("c_kv"):
+    if trace.has("latents"):
         out.append(
             Section(
                 "Latent KV spectrum",
                 "Singular values of the cached latent c_kv per layer: how many of its dimensions the model really uses.",
                 plots.latent_spectrum(trace),
+                view="latents",
             )
         )
-        out.append(Section("Latent norms", "Norm of each token's cached latent, by layer.", plots.latent_norms(trace)))
+        out.append(
+            Section(
+                "Latent norms",
+                "Norm of each token's cached latent, by layer.",
+                plots.latent_norms(trace),
+                view="latents",
+            )
+        )
     else:
-        out.append(Section("Latent KV", "", missing="Recording(latents=True)"))
+        out.append(_not_recorded(trace, "Latent KV", "latents"))
     out.append(
         Section(
             "KV-cache memory",
@@ -145,33 +110,82 @@ def build_sections(trace: Trace, model: DeepseekV2ForCausalLM | None) -> list[Se
     return out
 
 
+def _routing_sections(trace: Trace) -> list[Section]:
+    moe = trace.moe_layers
+    mid = moe[len(moe) // 2]
+    out = [
+        Section(
+            f"Tokens by top-1 expert, layer {layer}",
+            "Each token coloured by the expert its router ranked first: runs of one colour are text an expert owns.",
+            plots.token_strip(trace, layer),
+        )
+        for layer in dict.fromkeys([moe[0], mid, moe[-1]])
+    ]
+    last = len(trace) - 1
+    out += [
+        Section(
+            f"Routing of the last token across layers (position {last})",
+            "Which experts one token visits layer by layer, and with what weight.",
+            plots.routing_across_layers(trace, last),
+        ),
+        Section(
+            "Expert utilization",
+            "Tokens per expert and layer; the load-balance figures show idle or overloaded experts.",
+            plots.utilization_heatmap(analysis.expert_utilization(trace)),
+        ),
+        Section(
+            f"Expert co-activation, layer {mid}",
+            "How often two experts serve the same token: teams of experts show as bright off-diagonal cells.",
+            plots.coactivation_matrix(analysis.coactivation(trace, mid), mid),
+        ),
+        Section(
+            "Routing confidence",
+            "Margin between the k-th and (k+1)-th expert and routing entropy; marked cells are near-ties a bf16 "
+            "rounding could flip (margins need the router probabilities, the figure says how to record them).",
+            plots.routing_confidence(trace),
+        ),
+        Section(
+            f"Top tokens per expert, layer {mid}",
+            "What each expert specializes in: the tokens routed to it most often.",
+            plots.top_tokens_per_expert(analysis.top_tokens_per_expert(trace, mid)),
+        ),
+    ]
+    for section in out:
+        section.view = "routing"
+    return out
+
+
 def _attention_sections(trace: Trace) -> list[Section]:
-    layers = trace.attention_layers()
-    if not layers:
-        return [Section("Attention", "", missing=trace.missing("attention"))]
+    if not trace.has("attention"):
+        return [_not_recorded(trace, "Attention", "attention")]
     out = [
         Section(
             "Heads overview: entropy",
             "Mean entropy of each head's attention rows: low is focused, high is diffuse.",
             plots.heads_overview(analysis.head_entropy(trace), "entropy"),
+            view="attention",
         )
     ]
-    with contextlib.suppress(TraceError):  # rope and nope parts need the queries
+    if trace.has("attention_parts"):
         out.append(
             Section(
                 "Heads overview: rope share",
                 "How much of each head's score comes from position (rope) rather than content (nope).",
                 plots.heads_overview(analysis.rope_share(trace), "rope_share"),
+                view="attention_parts",
             )
         )
-    view = trace.attention(layers[0], trace.recording.heads(trace.config)[0])
+    else:
+        out.append(_not_recorded(trace, "Heads overview: rope share", "attention_parts"))
+    layer = (trace.attention_parts_layers() or trace.attention_layers())[0]  # a layer with parts, if any
+    view = trace.attention(layer, trace.attention_heads()[0])
     if view.scores_nope is not None:
         fig = plots.attention_parts(view, trace.token_texts)
         why = "One head's pattern and the content (nope) and position (rope) parts of its scores."
     else:
         fig = plots.attention_pattern(view, trace.token_texts)
         why = "One head's attention pattern: each row is a query, each column a key."
-    out.append(Section(f"Attention, layer {view.layer} head {view.head}", why, fig))
+    out.append(Section(f"Attention, layer {view.layer} head {view.head}", why, fig, view="attention"))
     return out
 
 
@@ -179,7 +193,8 @@ def render(trace: Trace, sections: list[Section], title: str) -> str:
     """The HTML page: a summary, then each section; plotly.js inlined once, before the first figure."""
     body, js_included = [], False
     for s in sections:
-        body.append(f"<section><h2>{html.escape(s.title)}</h2>")
+        view = f' data-view="{html.escape(s.view)}"' if s.view else ""
+        body.append(f"<section{view}><h2>{html.escape(s.title)}</h2>")
         if s.figure is not None:
             body.append(f"<p>{html.escape(s.why)}</p>")
             body.append(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
+import re
 
 import ipywidgets
 import numpy as np
@@ -52,7 +54,9 @@ def z(fig: go.Figure, index: int = 0) -> np.ndarray:
 
 
 def message(widget: ipywidgets.VBox) -> str:
-    return next(c.value for c in widget.children if isinstance(c, ipywidgets.HTML))
+    """The text of the first note an explorer shows, without its markup."""
+    note = next(c.value for c in widget.children if isinstance(c, ipywidgets.HTML))
+    return html.unescape(re.sub(r"<[^>]+>", "", note))
 
 
 def test_routing_layer_control_redraws_strip_and_coactivation(trace):
@@ -102,6 +106,7 @@ def test_attention_without_queries_shows_the_pattern_alone(model):
     trace = dataclasses.replace(recorded, tensors=patterns_only)
     ex = AttentionExplorer(trace)
     assert [v for _, v in ex.layer.options] == [2] and ex.rope_share is None
+    assert message(ex).endswith("record them with Recording(queries=True).")  # the rope share's place
     assert len(ex.pattern.data) == 1
     np.testing.assert_array_equal(z(ex.pattern), trace.attention(2, 0).pattern.numpy())
 
@@ -136,8 +141,15 @@ def test_missing_recordings_show_what_to_record(model):
     latent = LatentExplorer(trace)
     assert latent.spectrum is None and latent.norms is None and figures(latent) == [latent.memory]
     assert "Recording(latents=True)" in message(latent)
-    unrebuildable = model.generate(PROMPT, 2, record=Recording(attention="full", latents=False)).run()
-    assert "Recording(latents=True)" in message(AttentionExplorer(unrebuildable))
+    queries_only = AttentionExplorer(model.generate(PROMPT, 2, record=Recording(queries=True, latents=False)).run())
+    assert figures(queries_only) == []
+    assert message(queries_only) == "This trace has no attention to show: record it with Recording(latents=True)."
+    # stored patterns without latents: shown (the explorer used to hide them), their parts need the latents
+    unsplit = model.generate(PROMPT, 2, record=Recording(attention="full", attention_layers=[2], latents=False)).run()
+    patterns = AttentionExplorer(unsplit)
+    assert figures(patterns) == [patterns.entropy, patterns.pattern] and len(patterns.pattern.data) == 1
+    np.testing.assert_array_equal(z(patterns.pattern), unsplit.attention(2, 0).pattern.numpy())
+    assert message(patterns).endswith("record them with Recording(latents=True).")
     routing = RoutingExplorer(model.generate(PROMPT, 2, record=Recording.off()).run())
     assert routing.strip is None and "Recording(routing=True)" in message(routing)
 

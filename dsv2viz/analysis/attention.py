@@ -4,7 +4,7 @@ MLA splits every query-key score into a content part, q_nope . k_nope (through t
 a position part, q_pe . k_pe (a small rotary key shared by all heads). Their balance tells positional
 heads (previous-token, attention sinks) from content heads. These functions use ``trace.attention``,
 so they cover the layers and heads a trace recorded (``Recording(attention=..., queries=True,
-attention_layers=..., attention_heads=...)``); the rope share needs the queries.
+attention_layers=..., attention_heads=...)``); the rope share needs the queries and the latents.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ from ..traces import AttentionView, TraceError
 from ._common import Traces, as_traces, entropy
 
 
-def _views(traces: Traces, layer: int | None, head: int | None) -> Iterator[AttentionView]:
-    """The recorded heads' views of each trace, restricted to `layer` and `head` when given."""
+def _views(traces: Traces, layer: int | None, head: int | None, *, parts: bool = False) -> Iterator[AttentionView]:
+    """The views of each trace's heads it can show (`parts`: those whose scores split into nope and rope),
+    restricted to `layer` and `head` when given."""
+    view, what = (
+        ("attention_parts", "attention scores split into nope and rope") if parts else ("attention", "attention")
+    )
     for t in as_traces(traces):
-        rec = t.recording
-        if rec.attention == "none" and not rec.queries:
-            raise TraceError(
-                "this trace recorded no attention: use Recording(attention='full' or 'last_row', or queries=True)"
-            )
-        layers = rec.layers(t.config) if layer is None else [layer]
-        heads = rec.heads(t.config) if head is None else [head]
+        if not t.has(view):
+            raise TraceError(f"this trace recorded no {what}: record it with {t.missing(view)}")
+        layers = (t.attention_parts_layers() if parts else t.attention_layers()) if layer is None else [layer]
+        heads = t.attention_heads() if head is None else [head]
         for lay in layers:
             for h in heads:
                 yield t.attention(lay, h)
@@ -45,13 +46,16 @@ def rope_share(traces: Traces, layer: int | None = None, head: int | None = None
 
     rope_share = sum(pattern * |rope|) / sum(pattern * (|nope| + |rope|)) over all query rows and their
     causal keys, so scores count as much as attention is paid to them. 1: the head attends by position
-    alone; 0: by content alone. Over a corpus the sums run over all traces. Needs the queries
-    (``Recording(queries=True)``) to split the scores.
+    alone; 0: by content alone. Over a corpus the sums run over all traces. Needs the queries and the
+    latents (``Recording(queries=True, latents=True)``) to split the scores.
     """
     totals: dict[tuple[int, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for v in _views(traces, layer, head):
+    for v in _views(traces, layer, head, parts=True):
         if v.scores_rope is None or v.scores_nope is None:
-            raise TraceError(f"layer {v.layer}'s queries were not recorded: rope_share needs Recording(queries=True)")
+            raise TraceError(
+                f"layer {v.layer}'s scores do not split into nope and rope parts: record its queries with "
+                f"Recording(queries=True, latents=True), with attention_layers including {v.layer}"
+            )
         weight = v.pattern.double()  # zero on non-causal keys, so only causal keys count
         rope = float((weight * v.scores_rope.double().abs()).sum())
         nope = float((weight * v.scores_nope.double().abs()).sum())

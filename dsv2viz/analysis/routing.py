@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..traces import Trace
+from ..traces import Trace, TraceError
 from ._common import Routed, Traces, as_traces, concat_positions, entropy, frame_per_trace, is_corpus
 
 #: bf16 unit roundoff: rounding one value to bf16 (8 significant bits) moves it by up to 2**-8 of itself.
@@ -262,8 +262,11 @@ def moe_contributions(traces: Traces) -> pd.DataFrame:
     """
 
     def one(t: Trace) -> pd.DataFrame:
-        routed = t.require("routed_norms", "moe_norms=True").double()  # (M, S)
-        shared = t.tensors.get("shared_norms", torch.zeros_like(routed)).double()  # absent without shared experts
+        if not t.moe_layers:
+            raise ValueError("this model has no MoE layers: it has no routed or shared experts to measure")
+        norms = [t.moe_norms(layer) for layer in t.moe_layers]
+        routed = torch.stack([r for r, _ in norms]).double()  # (M, S)
+        shared = torch.stack([s for _, s in norms]).double()  # (M, S), zeros without shared experts
         M, S = routed.shape
         return pd.DataFrame(
             {
@@ -315,29 +318,34 @@ def compare(a: Trace, b: Trace) -> TraceComparison:
         set_a = a.routing(layer)[0][:shared].sort(dim=-1).values
         set_b = b.routing(layer)[0][:shared].sort(dim=-1).values
         changed.append(float((set_a != set_b).any(dim=-1).double().mean()))  # NaN with no shared prefix
-    exact = "logprobs" in a.tensors and "logprobs" in b.tensors
+    exact = a.has("full_logits") and b.has("full_logits")
+    if not exact and not (a.has("candidates") and b.has("candidates")):
+        raise TraceError(
+            "compare needs the next-token distributions of both traces: record them with "
+            "Recording(top_logits=10), or Recording(full_logits=True) in both traces"
+        )
     G = len(a) - a.prompt_len
     kl = torch.full((G,), math.nan, dtype=torch.float64)
     for i in range(G):
         pos = a.prompt_len + i  # the position this step's distribution predicts
         j = pos - b.prompt_len  # b's step predicting the same position
         if pos <= shared and 0 <= j < len(b) - b.prompt_len:
-            kl[i] = _kl_full(a, b, i, j) if exact else _kl_top(a, b, i, j)
+            kl[i] = (_kl_full if exact else _kl_top)(a, b, pos - 1)  # the distributions after reading pos - 1
     return TraceComparison(torch.tensor(changed, dtype=torch.float64), first, kl, exact, list(a.moe_layers))
 
 
-def _kl_full(a: Trace, b: Trace, i: int, j: int) -> float:
-    """KL(a's step i || b's step j) over the whole vocabulary."""
-    log_a, log_b = a.tensors["logprobs"][i].double(), b.tensors["logprobs"][j].double()
+def _kl_full(a: Trace, b: Trace, position: int) -> float:
+    """KL(a || b) of the next-token distributions after reading `position`, over the whole vocabulary."""
+    log_a, log_b = a.logprobs(position).double(), b.logprobs(position).double()
     p = log_a.exp()
     return float(torch.where(p > 0, p * (log_a - log_b), 0.0).sum())
 
 
-def _kl_top(a: Trace, b: Trace, i: int, j: int) -> float:
-    """KL of a's step i and b's step j coarse-grained to the tokens both recorded plus an "other" bucket."""
-    how = "top_logits=10, or full_logits=True in both traces"
-    ids_a, probs_a = a.require("top_ids", how)[i].tolist(), a.require("top_probs", how)[i].tolist()
-    b_prob = dict(zip(b.require("top_ids", how)[j].tolist(), b.require("top_probs", how)[j].tolist()))
+def _kl_top(a: Trace, b: Trace, position: int) -> float:
+    """KL of the next-token distributions after reading `position`, coarse-grained to the tokens both
+    recorded plus an "other" bucket."""
+    ids_a, probs_a = (x.tolist() for x in a.candidates(position))
+    b_prob = dict(zip(*(x.tolist() for x in b.candidates(position))))
     both = [(p, b_prob[t]) for t, p in zip(ids_a, probs_a) if t in b_prob]
     p = torch.tensor([pa for pa, _ in both], dtype=torch.float64)
     q = torch.tensor([pb for _, pb in both], dtype=torch.float64)

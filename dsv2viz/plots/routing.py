@@ -176,7 +176,7 @@ def routing_confidence(trace: Trace) -> go.Figure:
     router distribution. Without: the entropy of each token's top-k weights only.
     """
     K, E = trace.config.num_experts_per_tok, trace.config.n_routed_experts
-    full = "router_probs" in trace.tensors
+    full = trace.has("router_probs")
     if full:
         panels = [
             (
@@ -206,7 +206,7 @@ def routing_confidence(trace: Trace) -> go.Figure:
             )
         ]
         subtitle = (
-            "Low: one expert carries the token. Margins and near-ties need Recording(router_probs=True).<br>"
+            f"Low: one expert carries the token. Margins and near-ties need {trace.missing('router_probs')}.<br>"
             "Red dotted line: generation starts."
         )
     layers, S = trace.moe_layers, len(trace)

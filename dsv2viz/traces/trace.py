@@ -68,6 +68,18 @@ VERSION = 2  # 2: tensors-<id>.safetensors, named by trace.json; 1 (still read):
 
 
 _ATTENTION_HOW = "attention='full' or 'last_row', or queries=True with latents=True"
+#: view -> (the tensor that records it, the Recording setting that records that tensor)
+_RECORDED_BY = {
+    "routing": ("topk_idx", "routing=True"),
+    "router_probs": ("router_probs", "router_probs=True"),
+    "latents": ("c_kv", "latents=True"),
+    "candidates": ("top_ids", "top_logits=10"),
+    "full_logits": ("logprobs", "full_logits=True"),
+    "residual_norms": ("resid_norms", "residual_norms=True"),
+    "moe_norms": ("routed_norms", "moe_norms=True"),
+}
+_HOW = {view: how for view, (_, how) in _RECORDED_BY.items()}
+_MOE_VIEWS = ("routing", "router_probs", "moe_norms")  # nothing to record on a model without MoE layers
 
 
 class TraceError(ValueError):
@@ -174,18 +186,18 @@ class Trace:
     def routing(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(experts (S, K), weights (S, K)) of one MoE layer, best expert first."""
         row = self._moe_row(layer)
-        return self.require("topk_idx", "routing=True")[row], self.require("topk_weights", "routing=True")[row]
+        return self.require("topk_idx", _HOW["routing"])[row], self.require("topk_weights", _HOW["routing"])[row]
 
     def router_probs(self, layer: int) -> torch.Tensor:
         """(S, E) full router distribution of one MoE layer."""
-        return self.require("router_probs", "router_probs=True")[self._moe_row(layer)]
+        return self.require("router_probs", _HOW["router_probs"])[self._moe_row(layer)]
 
     def routing_df(self):
         """Tidy routing table: one row per (position, layer, rank) with step (-1 for the prompt), expert,
         weight and token."""
         import pandas as pd
 
-        idx, w = self.require("topk_idx", "routing=True"), self.require("topk_weights", "routing=True")
+        idx, w = self.require("topk_idx", _HOW["routing"]), self.require("topk_weights", _HOW["routing"])
         M, S, K = idx.shape
         pos = torch.arange(S)[None, :, None].expand(M, S, K)
         layer = torch.tensor(self.moe_layers)[:, None, None].expand(M, S, K)
@@ -206,7 +218,7 @@ class Trace:
     # ----- latents and attention ----------------------------------------------------------------------
     def latent(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(c_kv (S, R), k_pe (S, dr)) of one layer."""
-        return self.require("c_kv", "latents=True")[layer], self.require("k_pe", "latents=True")[layer]
+        return self.require("c_kv", _HOW["latents"])[layer], self.require("k_pe", _HOW["latents"])[layer]
 
     # ----- what this trace can show -----------------------------------------------------------------
     def missing(self, view: str) -> str | None:
@@ -215,24 +227,37 @@ class Trace:
         Views: ``routing``, ``router_probs``, ``latents``, ``attention`` (some layer's pattern, stored or
         rebuildable), ``attention_parts`` (nope/rope split of some layer), ``candidates`` (next-token
         candidates), ``full_logits``, ``residual_norms``, ``moe_norms``. Widgets and the report ask this
-        instead of reading tensor names, and show the returned setting where a view would be.
+        instead of reading tensor names, and show the returned setting where a view would be. A model
+        without MoE layers has no routing to record: its MoE views are never missing, and never shown.
         """
-        has = self.tensors.__contains__
-        checks = {
-            "routing": (has("topk_idx") or not self.moe_layers, "routing=True"),
-            "router_probs": (has("router_probs") or not self.moe_layers, "router_probs=True"),
-            "latents": (has("c_kv"), "latents=True"),
-            "attention": (bool(self.attention_layers()), _ATTENTION_HOW),
-            "attention_parts": (bool(self.attention_parts_layers()), "queries=True and latents=True"),
-            "candidates": (has("top_ids"), "top_logits=10"),
-            "full_logits": (has("logprobs"), "full_logits=True"),
-            "residual_norms": (has("resid_norms"), "residual_norms=True"),
-            "moe_norms": (has("routed_norms") or not self.moe_layers, "moe_norms=True"),
-        }
-        if view not in checks:
-            raise ValueError(f"unknown view {view!r}; views are {sorted(checks)}")
-        recorded, how = checks[view]
+        if view == "attention":
+            if self.attention_layers():
+                return None
+            queries_only = self._queries_recorded() and not self._latents_recorded()
+            return f"Recording({'latents=True' if queries_only else _ATTENTION_HOW})"
+        if view == "attention_parts":
+            if self.attention_parts_layers():
+                return None
+            lacking = [
+                f"{name}=True"
+                for name, ok in (("queries", self._queries_recorded()), ("latents", self._latents_recorded()))
+                if not ok
+            ]
+            return f"Recording({', '.join(lacking)})"
+        if view not in _RECORDED_BY:
+            raise ValueError(
+                f"unknown view {view!r}; views are {sorted([*_RECORDED_BY, 'attention', 'attention_parts'])}"
+            )
+        name, how = _RECORDED_BY[view]
+        recorded = name in self.tensors or (view in _MOE_VIEWS and not self.moe_layers)
         return None if recorded else f"Recording({how})"
+
+    def has(self, view: str) -> bool:
+        """Whether this trace can show `view` (see :meth:`missing` for the views and what records them).
+
+        False for MoE views of a model without MoE layers, though nothing is missing there either.
+        """
+        return self.missing(view) is None and not (view in _MOE_VIEWS and not self.moe_layers)
 
     def attention_layers(self) -> list[int]:
         """Layers whose attention this trace can show: patterns stored, or rebuildable from queries and latents."""
@@ -242,30 +267,68 @@ class Trace:
         """Layers whose scores split into content (nope) and position (rope) parts: queries and latents recorded."""
         return [layer for layer in range(self.config.num_hidden_layers) if self._rebuildable(layer)]
 
+    def attention_heads(self) -> list[int]:
+        """The heads whose attention this trace can show (the recorded ``attention_heads``); [] without attention."""
+        return self.recording.heads(self.config) if self.attention_layers() else []
+
+    def _queries_recorded(self) -> bool:
+        return any(f"q_nope.{layer}" in self.tensors for layer in range(self.config.num_hidden_layers))
+
+    def _latents_recorded(self) -> bool:
+        return "c_kv" in self.tensors
+
     def _rebuildable(self, layer: int) -> bool:
-        return f"q_nope.{layer}" in self.tensors and "c_kv" in self.tensors
+        return f"q_nope.{layer}" in self.tensors and self._latents_recorded()
 
     def _attention_source(self, layer: int) -> str | None:
         if f"attention.{layer}" in self.tensors:
             return "stored"
         return "rebuilt" if self._rebuildable(layer) else None
 
+    # ----- next-token distributions and norms --------------------------------------------------------
     def candidates(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (k,), probs (k,)): the likeliest next tokens after reading `position`, best first.
 
         That is the distribution the token at ``position + 1`` was drawn from (its step's row of
         ``top_ids``), recorded for positions ``prompt_len - 1`` up to ``len - 2``.
         """
-        ids, probs = self.require("top_ids", "top_logits=10"), self.tensors["top_probs"]
+        ids = self.require("top_ids", _HOW["candidates"])
+        step = self._next_step(position, len(ids))
+        return ids[step], self.tensors["top_probs"][step]
+
+    def logprobs(self, position: int) -> torch.Tensor:
+        """(V,) log-probabilities of the whole next-token distribution after reading `position`.
+
+        The same distribution as :meth:`candidates` (``candidates(p)`` is its top k), over the whole
+        vocabulary; recorded with ``Recording(full_logits=True)``.
+        """
+        rows = self.require("logprobs", _HOW["full_logits"])
+        return rows[self._next_step(position, len(rows))]
+
+    def _next_step(self, position: int, recorded: int) -> int:
+        """The step whose token was drawn after reading `position`: the row of the per-step tensors."""
         if not -len(self) <= position < len(self):
             raise TraceError(f"position {position} is outside this trace of {len(self)} tokens")
         step = position % len(self) + 1 - self.prompt_len
-        if not 0 <= step < len(ids):
+        if not 0 <= step < recorded:
             raise TraceError(
-                f"no next-token candidates after position {position % len(self)}: they are recorded while "
-                f"generating, after positions {self.prompt_len - 1}..{self.prompt_len + len(ids) - 2}"
+                f"no next-token distribution after position {position % len(self)}: it is recorded while "
+                f"generating, after positions {self.prompt_len - 1}..{self.prompt_len + recorded - 2}"
             )
-        return ids[step], probs[step]
+        return step
+
+    def moe_norms(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(routed (S,), shared (S,)): norms of one MoE layer's routed and shared experts' outputs per token.
+
+        A model without shared experts gives zeros for them (they add nothing to the residual stream).
+        """
+        routed = self.require("routed_norms", _HOW["moe_norms"])[self._moe_row(layer)]
+        shared = self.tensors.get("shared_norms")
+        return routed, torch.zeros_like(routed) if shared is None else shared[self._moe_row(layer)]
+
+    def residual_norms(self) -> torch.Tensor:
+        """(L + 1, S) the residual stream's norm per token, after the embedding (row 0) and after each layer."""
+        return self.require("resid_norms", _HOW["residual_norms"])
 
     def attention(self, layer: int, head: int, *, queries: Sequence[int] | None = None) -> AttentionView:
         """One head's pattern with its nope and rope parts, rebuilt from queries and latents when recorded.

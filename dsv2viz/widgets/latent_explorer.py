@@ -15,7 +15,6 @@ from .. import plots
 from ..traces import Trace
 from ._figure import linked, notice
 
-NO_LATENTS = "This trace recorded no latents: record them with Recording(latents=True) (the default)."
 #: Opacity of the other layers' spectra while one layer is selected.
 DIMMED = 0.2
 
@@ -47,8 +46,9 @@ class LatentExplorer(ipywidgets.VBox):
         self.memory = go.FigureWidget(plots.kv_cache_memory(trace.config))
         self.spectrum: go.FigureWidget | None = None
         self.norms: go.FigureWidget | None = None
-        if "c_kv" not in trace.tensors:
-            super().__init__([notice(NO_LATENTS), self.memory])
+        if not trace.has("latents"):
+            why = f"This trace recorded no latents: record them with {trace.missing('latents')} (the default)."
+            super().__init__([notice(why), self.memory])
             return
         self.spectrum = linked([self.layer], lambda: spectrum(trace, self.layer.value))
         self.norms = go.FigureWidget(plots.latent_norms(trace))

@@ -35,8 +35,8 @@ class RoutingExplorer(ipywidgets.VBox):
         self.across_layers: go.FigureWidget | None = None
         self.utilization: go.FigureWidget | None = None
         self.confidence: go.FigureWidget | None = None
-        if not layers or "topk_idx" not in trace.tensors:
-            why = "this model has no MoE layers" if not layers else "record it with Recording(routing=True)"
+        if not trace.has("routing"):
+            why = "this model has no MoE layers" if not layers else f"record it with {trace.missing('routing')}"
             super().__init__([notice(f"This trace has no routing to explore: {why}.")])
             return
         self.strip = linked([self.layer], lambda: plots.token_strip(trace, self.layer.value))
