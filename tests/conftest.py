@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+# Torch on one thread, here and in every process the tests start (kernels, the CLI, JupyterLab): the
+# models under test are tiny or small, and on a busy machine two OpenMP threads waiting for each other
+# made them 5-10x slower (measured: 64 demo-model tokens took 1 s on one thread, 6-11 s on two).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 #: A tiny config in transformers' spelling; tests override fields. Rope dims interleave, the latent is
 #: narrower than the heads it feeds, and YaRN is on with a short original context (64), so prompts of a

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import ipywidgets
 import plotly.graph_objects as go
 import pytest
-import torch
 from conftest import tiny_config
 
 import dsv2viz
@@ -89,18 +88,11 @@ PRODUCT = [Options(*o) for o in itertools.product(*[(False, True)] * 4, ("none",
 
 @pytest.fixture(scope="module")
 def model() -> Iterator[DeepseekV2ForCausalLM]:
-    """Two layers (0 dense, 1 MoE with 4 experts, top 2), two heads: the smallest model with every view.
-
-    Torch runs on one thread here: on a machine whose cores are busy, a second intra-op thread made
-    these tiny forward passes about 15 times slower (48 generations: 50 s against 3 s, measured).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Two layers (0 dense, 1 MoE with 4 experts, top 2), two heads: the smallest model with every view."""
     config = tiny_config(
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2
     )
     yield DeepseekV2ForCausalLM(config).init_weights(std=0.15, seed=0).eval().requires_grad_(False)
-    torch.set_num_threads(threads)
 
 
 @dataclass
