@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import ipywidgets
 import numpy as np
@@ -42,9 +41,20 @@ def figures(widget: ipywidgets.Widget) -> list[go.FigureWidget]:
     return [f for child in getattr(widget, "children", ()) for f in figures(child)]
 
 
+def plain(value):
+    """`value` as plain lists and numbers, NaN and infinity as None (a gap: what the widgets send)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def data(fig: go.Figure) -> list[dict]:
-    """A figure's traces as plain JSON, without the ids a FigureWidget gives them."""
-    return [{k: v for k, v in t.items() if k != "uid"} for t in json.loads(fig.to_json())["data"]]
+    """A figure's traces as plain data, without the ids a FigureWidget gives them."""
+    return [{k: plain(v) for k, v in t.to_plotly_json().items() if k != "uid"} for t in fig.data]
 
 
 def z(fig: go.Figure, index: int = 0) -> np.ndarray:

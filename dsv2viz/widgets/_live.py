@@ -4,10 +4,14 @@ A Jupyter kernel handles a button click only between cell executions or while an
 generation runs in a :class:`Streamer` worker thread: Stop stays clickable. Sending one widget update
 per token would flood the front end (and cost more than a tiny model's forward pass), so the worker
 keeps the steps in a buffer and hands them over in batches, at most every :data:`FLUSH_INTERVAL`
-seconds and once at the end. The flush runs in the worker between two steps, where the generation's
-trace snapshot is consistent, and the time spent in it is measured for the benchmark. However the
-run ends (finished, stopped, or an error in the model, a hook or a flush), `done` is called last, so a
-widget always returns to ready and can show the error.
+seconds, only once the browser has drawn the previous batch (`ready`), and once at the end. The
+browser, not the kernel, is what falls behind on a busy machine: a live figure takes it longer to draw
+than a tiny model takes to write a token, and updates sent faster than it draws them queue up there,
+so the page kept drawing old tokens for seconds after Stop (the Stop click itself reaches the kernel
+within milliseconds, and the generation ends before its next step). The flush runs in the worker
+between two steps, where the generation's trace snapshot is consistent, and the time spent in it is
+measured for the benchmark. However the run ends (finished, stopped, or an error in the model, a hook
+or a flush), `done` is called last, so a widget always returns to ready and can show the error.
 
 The worker runs in a copy of the context that started it: hooks put in scope around the start (``with
 model.hooks(...): dash.run(...)``) act on its generation, and those of other runs never do.
@@ -29,7 +33,7 @@ from ..generation import Generation, Step
 from ..plots._layout import MONO, expert_color
 from ..plots._text import token_label
 from ..plots.tokens import PROMPT_LIGHTEN
-from ..traces import Trace
+from ..traces import Trace, TraceError
 
 #: Seconds between two widget flushes while tokens stream.
 FLUSH_INTERVAL = 0.25
@@ -44,13 +48,23 @@ class Streamer:
     """Runs a Generation in a worker thread and hands its steps to `flush` in batches."""
 
     def __init__(
-        self, generation: Generation, flush: Flush, done: Done | None = None, interval: float = FLUSH_INTERVAL
+        self,
+        generation: Generation,
+        flush: Flush,
+        done: Done | None = None,
+        interval: float = FLUSH_INTERVAL,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         self.generation, self._flush, self._done, self.interval = generation, flush, done, interval
+        self._ready = ready or (lambda: True)  # False while the browser is still drawing the last flush
         self.error: BaseException | None = None  # raised by the generation or a flush, shown by the caller
         self.flushes = 0
         self.flush_seconds = 0.0  # time spent in flush (widget updates), not in the model
         self.wall_seconds = 0.0  # the whole run: model + flushes
+        # when stop() was called (time.time()) and how many tokens had been generated: the steps after it
+        # measure how promptly Stop takes effect
+        self.stop_requested_at: float | None = None
+        self.tokens_at_stop: int | None = None
         context = contextvars.copy_context()
         self._thread = threading.Thread(target=context.run, args=(self._work,), name="dsv2viz-generation", daemon=True)
 
@@ -59,6 +73,9 @@ class Streamer:
 
     def stop(self) -> None:
         """End the generation before its next step (thread-safe)."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.time()
+            self.tokens_at_stop = len(self.generation.token_ids) - len(self.generation.prompt_ids)
         self.generation.stop()
 
     def join(self, timeout: float | None = None) -> None:
@@ -74,7 +91,7 @@ class Streamer:
         try:
             for step in self.generation:
                 buffer.append(step)
-                if time.perf_counter() - last >= self.interval:
+                if time.perf_counter() - last >= self.interval and self._ready():
                     self._call(buffer, final=False)
                     buffer, last = [], time.perf_counter()
         except Exception as e:  # shown by `done`; the generation's hooks ended with its passes
@@ -110,10 +127,22 @@ def token_span(text: str, position: int, expert: int, prompt_len: int) -> str:
 
 
 def strip_html(spans: list[str]) -> str:
-    return f'<div style="font-family:{MONO};font-size:13px;line-height:2;max-height:260px;overflow-y:auto">{"".join(spans)}</div>'
+    """The strip: spans wrapped into lines (a line may break between any two tokens, never inside one)."""
+    return (
+        f'<div style="font-family:{MONO};font-size:13px;line-height:2;max-height:260px;overflow-y:auto;'
+        f'white-space:normal;word-break:break-all">{"".join(spans)}</div>'
+    )
 
 
 def newest_attention(trace: Trace, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pattern, scores_nope, scores_rope), each (S,), of the newest token's query at `layer`, `head`."""
+    """(pattern, scores_nope, scores_rope), each (S,), of the newest token's query at `layer`, `head`.
+
+    A TraceError names the Recording setting that would record them when the trace cannot split them.
+    """
+    if layer not in trace.attention_parts_layers():
+        raise TraceError(
+            f"layer {layer}'s attention cannot be split into content and position: "
+            "record it with Recording(queries=True and latents=True)"
+        )
     view = trace.attention(layer, head, queries=[-1])  # one row: cheap however long the trace
     return view.pattern[0], view.scores_nope[0], view.scores_rope[0]

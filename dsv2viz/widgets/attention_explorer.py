@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 
 from .. import analysis, plots
 from ..traces import Trace
-from ._figure import linked, notice
+from ._figure import figure_widget, linked, notice
 
 NO_ATTENTION = (
     "This trace recorded no attention: record it with Recording(attention='full' or 'last_row', "
@@ -55,10 +55,10 @@ class AttentionExplorer(ipywidgets.VBox):
             recorded = any(k.startswith(("attention.", "q_nope.")) for k in trace.tensors)
             super().__init__([notice(NO_LATENTS if recorded else NO_ATTENTION)])
             return
-        self.entropy = go.FigureWidget(plots.heads_overview(analysis.head_entropy(trace), "entropy"))
+        self.entropy = figure_widget(plots.heads_overview(analysis.head_entropy(trace), "entropy"))
         overviews = [self.entropy]
         if all(f"q_nope.{layer}" in trace.tensors for layer in layers):
-            self.rope_share = go.FigureWidget(plots.heads_overview(analysis.rope_share(trace), "rope_share"))
+            self.rope_share = figure_widget(plots.heads_overview(analysis.rope_share(trace), "rope_share"))
             overviews.append(self.rope_share)
         self.pattern = linked([self.layer, self.head], self._head_figure)
         super().__init__([*overviews, ipywidgets.HBox([self.layer, self.head]), self.pattern])
