@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import ipywidgets
 import numpy as np
@@ -164,3 +165,14 @@ def test_token_text_is_never_raw_markup(trace):
     for fig in shown:
         assert EVIL not in fig.to_json()
     assert "&lt;img src=x onerror=alert(1)&gt;" in routing.across_layers.to_json()
+
+
+def test_no_explorer_message_holds_nan_or_infinity(trace, widget_messages):
+    routing, attention, latent = RoutingExplorer(trace), AttentionExplorer(trace), LatentExplorer(trace)
+    for position in range(len(trace)):
+        routing.position.value = position
+    routing.layer.value, attention.layer.value, attention.head.value, latent.layer.value = 2, 2, 2, 1
+    assert np.isnan(plots.routing_across_layers(trace, 0).data[0].z).any()  # gaps where no expert was chosen
+    assert len(widget_messages) > 20
+    for _, data_ in widget_messages:
+        json.dumps(data_, allow_nan=False)  # what Jupyter's message packer does: raises on NaN or infinity
