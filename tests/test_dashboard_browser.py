@@ -44,10 +44,9 @@ ARGS = [
 ASKED = 3000  # far more tokens than the test waits for: only Stop can end this generation early
 NOTEBOOK_TOKENS = 24  # the quickstart's own run
 MINUTE = 60_000  # ms: the first render of a notebook takes several seconds on 2 busy cores
-#: Seconds from the Stop click until the kernel has it (measured: 0.003 to 0.1 s; the browser may first
-#: finish drawing one update) and until the page shows the last token (one update drawn, then the final).
-STOP_TO_KERNEL_S = 2.0
-STOP_TO_LAST_TOKEN_S = 6.0
+#: Seconds for the click's way to the kernel and the final update's to the page beyond the browser's own
+#: drawing (the websocket, the server, the kernel's threads, on a busy machine).
+SLACK_S = 0.5
 
 # JavaScript run in the page; `window.jupyterapp` is JupyterLab's application object.
 NOTEBOOK = "window.jupyterapp.shell.currentWidget"
@@ -220,7 +219,7 @@ def test_quickstart_dashboard_streams_and_stops(lab):
             page,
             "dict(at=dash.streamer.stop_requested_at, before=dash.streamer.tokens_at_stop, "
             "generated=len(dash.trace) - dash.trace.prompt_len, tokens=len(dash.trace), "
-            "finish=dash.trace.meta['finish_reason'], status=dash.status.value)",
+            "finish=dash.trace.meta['finish_reason'], seconds=dash.streamer.wall_seconds)",
         )
         assert run["finish"] == "stopped" and run["generated"] < ASKED
         assert re.search(rf"generated: {run['generated']} tokens \(stopped\)", page.inner_text("body")), run
@@ -229,22 +228,30 @@ def test_quickstart_dashboard_streams_and_stops(lab):
         browser.close()
 
     assert drawn_while_streaming >= 3, "the live figures went blank"  # utilization, latent, attention
-    # the strip grew while generating, batch by batch
-    streamed = [n for t, n in counts if t / 1000 < click]
-    assert len(streamed) >= 5 and streamed[1:] == sorted(streamed[1:]), streamed  # [0]: the new run replaces the old
-    batch = max(b - a for a, b in itertools.pairwise(streamed[1:]))  # most tokens one update brought
-    shown_at_click = streamed[-1]
-    last_change = counts[-1][0] / 1000
+    # the strip grew while generating, update by update ([0]: the notebook's run, until the new one replaced it)
+    streamed = [(t / 1000, n) for t, n in counts if t / 1000 < click][1:]
+    assert len(streamed) >= 4 and [n for _, n in streamed] == sorted(n for _, n in streamed), streamed
+    interval = max(b[0] - a[0] for a, b in itertools.pairwise(streamed))  # the longest wait for an update
+    shown_at_click, after = streamed[-1][1], [(t / 1000, n) for t, n in counts if t / 1000 >= click]
+    rate = run["generated"] / run["seconds"]  # tokens per second, the model's own
+    stop_to_kernel, last_change = run["at"] - click, after[-1][0] if after else click
     timing |= {
-        "stop_to_kernel_s": round(run["at"] - click, 3),
-        "stop_to_last_token_s": round(max(last_change - click, 0), 2),
-        "tokens_after_stop": counts[-1][1] - shown_at_click,
-        "largest_update_tokens": batch,
+        "stop_to_kernel_s": round(stop_to_kernel, 3),
+        "stop_to_last_token_s": round(last_change - click, 2),
+        "tokens_after_stop": run["tokens"] - shown_at_click,
+        "updates_after_stop": len(after),
+        "tokens_per_s": round(rate, 1),
+        "longest_update_interval_s": round(interval, 2),
     }
     (artifacts / "quickstart_timing.json").write_text(json.dumps(timing))
-    # Stop took effect at once: the kernel had the click promptly and generated at most the step in flight;
-    # the page then showed at most what was generated but not yet drawn (about one update) and the final one
-    assert run["at"] - click < STOP_TO_KERNEL_S, timing
+    # Stop took effect at once: the kernel had the click as soon as the browser had drawn the update in
+    # progress (the browser handles the click after it), and generated at most the step in flight after it.
+    assert stop_to_kernel < interval + SLACK_S, timing
     assert run["generated"] - run["before"] <= 1, run
-    assert counts[-1][1] - shown_at_click <= 2 * batch + 2, timing
-    assert last_change - click < STOP_TO_LAST_TOKEN_S, timing
+    # The page did not lag behind: at most three updates after the click (the one being drawn, one the kernel
+    # sent before it had Stop, the final one), the last drawn within two update intervals (before the updates
+    # were paced by the browser, the strip grew for 2 to 6 s after Stop, some 15 updates). The tokens it
+    # showed after the click are those of one update interval not yet drawn and those written while the click
+    # was on its way, at the model's rate (x1.5: its speed varies on a shared machine), and the step in flight.
+    assert len(after) <= 3 and last_change - click < 2 * interval + SLACK_S, timing
+    assert run["tokens"] - shown_at_click <= 1.5 * rate * (interval + stop_to_kernel) + 2, timing
