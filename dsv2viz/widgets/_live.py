@@ -5,13 +5,14 @@ generation runs in a :class:`Streamer` worker thread: Stop stays clickable. Send
 per token would flood the front end (and cost more than a tiny model's forward pass), so the worker
 keeps the steps in a buffer and hands them over in batches, at most every :data:`FLUSH_INTERVAL`
 seconds, only once the browser has drawn the previous batch (`ready`), and once at the end. The
-browser, not the kernel, is what falls behind on a busy machine: a live figure takes it longer to draw
-than a tiny model takes to write a token, and updates sent faster than it draws them queue up there,
-so the page kept drawing old tokens for seconds after Stop (the Stop click itself reaches the kernel
-within milliseconds, and the generation ends before its next step). The flush runs in the worker
-between two steps, where the generation's trace snapshot is consistent, and the time spent in it is
-measured for the benchmark. However the run ends (finished, stopped, or an error in the model, a hook
-or a flush), `done` is called last, so a widget always returns to ready and can show the error.
+browser, not the kernel, is what falls behind on a busy machine: it takes 0.3 to 1 s to draw one
+batch's figures, far longer than a small model takes to write a token, and batches sent faster than
+it drew them queued up there, so the page kept drawing old tokens for seconds after Stop. (Measured:
+the worker does not starve the kernel; a Stop click the browser has sent reaches the kernel within 3
+to 150 ms with both cores busy, and the generation ends before its next step.) The flush runs in the
+worker between two steps, where the generation's trace snapshot is consistent, and the time spent in
+it is measured for the benchmark. However the run ends (finished, stopped, or an error in the model, a
+hook or a flush), `done` is called last, so a widget always returns to ready and can show the error.
 
 The worker runs in a copy of the context that started it: hooks put in scope around the start (``with
 model.hooks(...): dash.run(...)``) act on its generation, and those of other runs never do.

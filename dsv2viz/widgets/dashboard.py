@@ -13,8 +13,8 @@ Generation runs in a worker thread (:class:`~dsv2viz.widgets._live.Streamer`) so
 widgets are updated in coalesced batches, never per token, and only once the browser has drawn the
 last batch. Figures come from :mod:`dsv2viz.plots` or share its look, every value JSON-safe (NaN and
 infinity become gaps); a panel with nothing to show shows only a note saying why. What a trace holds is
-asked of the trace (``routing``, ``candidates``, ``missing``), never read from its tensors. Token text
-is always escaped with ``token_label``.
+asked of the trace (``routing``, ``attention_parts_layers``, ``candidates``), never read from its
+tensors. Token text is always escaped with ``token_label``.
 """
 
 from __future__ import annotations
