@@ -19,7 +19,7 @@ from dsv2viz import analysis, plots
 from dsv2viz.traces import Recording
 from dsv2viz.widgets import GenerationDashboard
 from dsv2viz.widgets._figure import Drawn, json_safe, notice_html
-from dsv2viz.widgets._live import Streamer, span_color
+from dsv2viz.widgets._live import STRIP_CHUNK, Streamer, TokenStrip, span_color, token_span
 
 PROMPT = [5, 6, 7, 8, 9]
 SPAN = re.compile(r'<span class="tok" data-pos="(\d+)"[^>]*style="background:(rgb\([^)]*\))[^>]*>(.*?)</span>')
@@ -231,3 +231,18 @@ def test_drawn_waits_for_the_browser_or_patience():
     drawn.sent()
     drawn.patience = 0  # no browser answers: the next update goes anyway
     assert drawn.ready()
+
+
+def test_strip_sends_only_the_piece_that_grew(widget_messages):
+    strip = TokenStrip()
+    spans = [token_span(f"t{i}", i, i % 4, 5) for i in range(2 * STRIP_CHUNK + 10)]
+    strip.show(spans)
+    assert strip.value == "".join(spans)
+    widget_messages.clear()
+    spans.append(token_span("new", len(spans), 0, 5))
+    strip.show(spans, start=len(spans) - 1)
+    sent = [data["state"] for kind, data in widget_messages if kind == "comm_msg"]
+    assert sent == [{"value": "".join(spans[2 * STRIP_CHUNK :])}]  # the last piece alone, not the whole strip
+    assert strip.value == "".join(spans)
+    strip.show(spans[:3])  # a new run: one piece left
+    assert strip.value == "".join(spans[:3]) and len(strip.children) == 2  # its style and one piece

@@ -37,7 +37,7 @@ from ..plots._layout import hover, row_axis, style
 from ..plots._text import token_label
 from ..traces import Recording, Trace, TraceError
 from ._figure import Drawn, Panel, notice_html, redraw, update
-from ._live import Flush, Streamer, newest_attention, strip_html, token_span
+from ._live import Flush, Streamer, TokenStrip, newest_attention, token_span
 
 NOT_YET = "Nothing generated yet: press Generate."
 SPECTRUM_NOTE = "Press “Latent spectrum” for the singular values of every layer's cached latent (an SVD)."
@@ -76,7 +76,7 @@ class GenerationDashboard(w.VBox):
 
         moe = c.moe_layers
         self.layer_slider = w.SelectionSlider(options=moe, value=moe[0] if moe else None, description="MoE layer")
-        self.strip = w.HTML()
+        self.strip = TokenStrip()
         self._spans: list[str] = []
         self._top1 = torch.zeros(len(moe), 0, dtype=torch.int64)  # (M, S) top-1 expert per MoE layer and token
         self.layer_slider.observe(lambda _: self._render_strip(), names="value")
@@ -273,7 +273,8 @@ class GenerationDashboard(w.VBox):
         self._spans = []
         self._top1 = self._top1[:, :0]
         self.counts.zero_()
-        self.strip.value = self.candidates.value = ""
+        self.strip.show([])
+        self.candidates.value = ""
         self.inspect_panel.show_note(NOT_YET)
         self.spectrum_panel.show_note(SPECTRUM_NOTE)
         self.compare_panel.show_note(COMPARE_NOTE)
@@ -290,7 +291,7 @@ class GenerationDashboard(w.VBox):
                     self.counts[row] += experts[row].flatten().bincount(minlength=self.counts.shape[1])
             self._spans += self._spans_for(trace, range(start, S))
         self.trace = trace
-        self.strip.value = strip_html(self._spans)
+        self.strip.show(self._spans, start)
         update(self.utilization, [{"z": self.counts.numpy().copy()}])
         # (L, S) sent as JSON text (plotly sends only 1-D arrays as binary): 3 decimals, a third of the bytes,
         # as many digits as the hover shows
@@ -337,7 +338,7 @@ class GenerationDashboard(w.VBox):
     def _render_strip(self) -> None:
         if self.trace is not None:
             self._spans = self._spans_for(self.trace, range(len(self._spans)))
-            self.strip.value = strip_html(self._spans)
+            self.strip.show(self._spans)
 
     def _render_attention(self) -> None:
         trace = self.trace
