@@ -64,8 +64,9 @@ class Streamer:
         self.flushes = 0
         self.flush_seconds = 0.0  # time spent in flush (widget updates), not in the model
         self.wall_seconds = 0.0  # the whole run: model + flushes
-        # when stop() was called (time.time()) and how many tokens had been generated: the steps after it
-        # measure how promptly Stop takes effect
+        # when each step arrived and when stop() was called (time.time(), comparable with a browser's clock),
+        # and how many tokens had been generated then: how promptly Stop takes effect, how far a page lags
+        self.step_times: list[float] = []
         self.stop_requested_at: float | None = None
         self.tokens_at_stop: int | None = None
         context = contextvars.copy_context()
@@ -93,6 +94,7 @@ class Streamer:
         buffer: list[Step] = []
         try:
             for step in self.generation:
+                self.step_times.append(time.time())
                 buffer.append(step)
                 if time.perf_counter() - last >= self.interval and self._ready():
                     self._call(buffer, final=False)
