@@ -219,17 +219,21 @@ def test_streamer_holds_flushes_until_the_browser_has_drawn(tiny_model):
 
 
 def test_drawn_waits_for_the_browser_or_patience():
-    fig = go.FigureWidget(go.Heatmap(z=[[1, 2]]))
-    drawn = Drawn([fig], patience=60)
+    fig, hidden = go.FigureWidget(go.Heatmap(z=[[1, 2]])), go.FigureWidget(go.Heatmap(z=[[1, 2]]))
+    drawn = Drawn([fig, hidden], patience=60)
     assert drawn.ready()  # nothing sent yet
-    fig.data[0].z = [[3, 4]]
+    fig.data[0].z = hidden.data[0].z = [[3, 4]]
     drawn.sent()
-    assert not drawn.ready()  # the browser has not drawn it
-    fig._js2py_traceDeltas = {"trace_deltas": [], "trace_edit_id": fig._last_trace_edit_id}  # its answer
-    assert drawn.ready()
-    fig.data[0].z = [[5, 6]]
+    assert drawn.ready()  # no browser has drawn either figure: nothing to wait for
+    fig._js2py_traceDeltas = {"trace_deltas": [], "trace_edit_id": fig._last_trace_edit_id}  # a browser drew it
+    fig.data[0].z = hidden.data[0].z = [[5, 6]]
     drawn.sent()
-    drawn.patience = 0  # no browser answers: the next update goes anyway
+    assert not drawn.ready()  # that browser has not drawn this update yet
+    fig._js2py_traceDeltas = {"trace_deltas": [], "trace_edit_id": fig._last_trace_edit_id}  # now it has
+    assert drawn.ready()  # the figure no browser shows holds nothing back
+    fig.data[0].z = [[7, 8]]
+    drawn.sent()
+    drawn.patience = 0  # that browser stopped answering: the next update goes anyway
     assert drawn.ready()
 
 

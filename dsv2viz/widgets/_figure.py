@@ -131,31 +131,33 @@ class Panel(ipywidgets.VBox):
 class Drawn:
     """Whether the browser has drawn the last update sent to some FigureWidgets: the pace of a live widget.
 
-    plotly's front end answers every trace update of a FigureWidget with the id of the edit it has
-    drawn (its ``_js2py_traceDeltas`` message). A live widget that sends its next update only when
-    that answer has come never gets ahead of the browser: updates sent faster than the browser draws
-    them queue up there, and the page then keeps drawing old tokens for seconds after Stop, with the
-    Stop click itself waiting behind the drawing. Where nothing answers (no browser shows the figures:
-    a script, a test, a closed output), the next update goes `patience` seconds after the last one.
+    plotly's front end answers every drawing of a FigureWidget, the first one and every update, with
+    the id of the last edit it drew (its ``_js2py_traceDeltas`` message). A live widget that sends its
+    next update only when that answer has come never gets ahead of the browser: updates sent faster than
+    the browser draws them queue up there, and the page then keeps drawing old tokens for seconds after
+    Stop, with the Stop click itself waiting behind the drawing. A figure nothing has drawn yet (no
+    browser shows it: a script, a test) holds nothing back; one whose browser stopped answering (its
+    output cleared) holds the next update back `patience` seconds at most.
     """
 
     def __init__(self, widgets: Sequence[go.FigureWidget], patience: float = 2.0) -> None:
         self.widgets, self.patience = list(widgets), patience
-        self._drawn = [widget._last_trace_edit_id for widget in self.widgets]  # plotly's edit ids
+        self._drawn: list[int | None] = [None] * len(self.widgets)  # the last edit id each browser drew
         self._sent_at: float | None = None
         for i, widget in enumerate(self.widgets):
             widget.observe(partial(self._answer, i), names="_js2py_traceDeltas")
 
     def _answer(self, i: int, change: dict) -> None:  # the kernel's thread, when the browser's answer arrives
         if change["new"]:
-            self._drawn[i] = max(self._drawn[i], change["new"]["trace_edit_id"])
+            self._drawn[i] = max(self._drawn[i] or 0, change["new"]["trace_edit_id"])
 
     def sent(self) -> None:
         """Note that an update of the widgets has just been sent."""
         self._sent_at = time.monotonic()
 
     def ready(self) -> bool:
-        """True when the browser has drawn every widget's last update, or waited on for `patience` seconds."""
+        """True when every browser showing these widgets has drawn their last update, or after `patience` s."""
         if self._sent_at is None or time.monotonic() - self._sent_at >= self.patience:
             return True
-        return all(drawn >= widget._last_trace_edit_id for drawn, widget in zip(self._drawn, self.widgets))
+        # plotly numbers the edits it sends (_last_trace_edit_id); the answers carry the number drawn
+        return all(drawn is None or drawn >= w._last_trace_edit_id for drawn, w in zip(self._drawn, self.widgets))
