@@ -172,6 +172,7 @@ def test_json_safe_masks_every_non_finite_value():
     masked = json_safe(torch.tensor([[0.5, nan], [inf, -1.0]]))
     assert masked == [[0.5, None], [None, -1.0]]
     assert json_safe(np.float32(nan)) is None and json_safe(np.float32(2.5)) == 2.5
+    assert json_safe(torch.tensor([[inf, 0.5]], dtype=torch.bfloat16)) == [[None, 0.5]]  # a bf16 model's values
     finite = np.array([1.0, 2.0], dtype=np.float32)
     assert json_safe(finite) is finite  # untouched: plotly sends it as a binary buffer
     json.dumps(json_safe({"a": np.array([nan, 1.0]), "b": [np.array([[inf]])]}), allow_nan=False)
