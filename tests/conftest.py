@@ -180,3 +180,20 @@ def run_notebook(tmp_path, monkeypatch):
         return nb
 
     return run
+
+
+@pytest.fixture
+def widget_messages(monkeypatch) -> list[tuple[str, dict]]:
+    """Every message the widgets created in the test send to the browser (msg_type, JSON part), opening
+    state included: their comms keep the messages instead of sending them."""
+    import comm
+    from comm.base_comm import BaseComm
+
+    sent: list[tuple[str, dict]] = []
+
+    class KeptComm(BaseComm):
+        def publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):
+            sent.append((msg_type, data))
+
+    monkeypatch.setattr(comm, "create_comm", KeptComm)
+    return sent

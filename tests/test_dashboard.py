@@ -1,17 +1,25 @@
-"""GenerationDashboard: widget state after live generation (no browser): the strip, utilization, Stop, escaping, interventions."""
+"""GenerationDashboard: widget state after live generation (no browser): the strip, utilization, Stop, escaping,
+interventions, notes in place of empty views, strict-JSON messages, and the pacing of live updates."""
 
 from __future__ import annotations
 
 import html
+import json
+import math
 import re
 import time
 
+import numpy as np
+import plotly.graph_objects as go
 import pytest
 import torch
 
-from dsv2viz import analysis
+import dsv2viz
+from dsv2viz import analysis, plots
+from dsv2viz.traces import Recording
 from dsv2viz.widgets import GenerationDashboard
-from dsv2viz.widgets._live import span_color
+from dsv2viz.widgets._figure import Drawn, json_safe, notice_html
+from dsv2viz.widgets._live import STRIP_CHUNK, Streamer, TokenStrip, span_color, token_span
 
 PROMPT = [5, 6, 7, 8, 9]
 SPAN = re.compile(r'<span class="tok" data-pos="(\d+)"[^>]*style="background:(rgb\([^)]*\))[^>]*>(.*?)</span>')
@@ -70,9 +78,10 @@ def test_stop_ends_generation_early(tiny_model):
         time.sleep(0.01)
     dash.stop()
     streamer.join(20)
-    assert not dash.running and streamer.error is None
+    assert not dash.running and streamer.error is None and dash.streamer is streamer
     generated = len(dash.trace) - len(PROMPT)
     assert 0 < generated < 4000 and dash.trace.meta["finish_reason"] == "stopped"
+    assert generated - streamer.tokens_at_stop <= 1  # at most the step in flight when Stop came
     assert len(spans(dash)) == len(dash.trace)
     assert no_hooks(dash.model)
 
@@ -117,3 +126,128 @@ def test_errors_show_in_the_status_line(dash):
         dash.run(PROMPT)
     dash.generate_button.click()  # the button reports instead of raising (the text box holds text, no tokenizer)
     assert "error" in dash.status.value
+
+
+def test_views_with_nothing_to_show_show_only_their_note(dash):
+    panels = (dash.utilization_panel, dash.latent_panel, dash.attention_panel, dash.inspect_panel)
+    assert all(p.children == (p.note,) for p in (*panels, dash.spectrum_panel, dash.compare_panel))  # no bare axes
+    dash.run(PROMPT)
+    assert all(p.children == (p.figure,) for p in panels)
+    assert dash.spectrum_panel.children == (dash.spectrum_panel.note,)
+    assert dash.compare_panel.children == (dash.compare_panel.note,)  # no intervention yet
+    dash.spectrum_button.click()
+    assert dash.spectrum_panel.children == (dash.spectrum,) and len(dash.spectrum.data) > 0
+    dash.inspect.value = 0  # a prompt position: the model predicted nothing there
+    assert dash.candidates.value == notice_html(
+        f"no next-token distribution after position 0: it is recorded while generating, after positions "
+        f"{len(PROMPT) - 1}..{len(dash.trace) - 2}"
+    )
+    dash.inspect.value = len(PROMPT) - 1  # the prompt's last token: the first generated token's distribution
+    ids, probs = dash.trace.candidates(len(PROMPT) - 1)
+    assert "<table>" in dash.candidates.value and f"{float(probs[0]):.3f}" in dash.candidates.value
+    assert ids[0] == dash.trace.token_ids[len(PROMPT)]  # greedy: the top candidate is the token generated
+    dash.regenerate()
+    assert dash.compare_panel.children == (dash.compare_figure,)
+    dash.run(PROMPT)  # a new run: the old comparison and spectrum no longer apply
+    assert dash.compare_panel.children == (dash.compare_panel.note,)
+    assert dash.spectrum_panel.children == (dash.spectrum_panel.note,)
+
+
+def test_attention_not_recorded_shows_the_setting_that_records_it(dash):
+    dash.recording = Recording(queries=False)
+    dash.run(PROMPT)
+    assert dash.attention_panel.children == (dash.attention_panel.note,)
+    assert "Recording(queries=True)" in dash.attention_panel.note.value
+    assert dash.status.value.startswith("generated: 12 tokens")  # the other panels are drawn as usual
+    assert dash.latent_panel.children == (dash.latent,)
+
+
+def test_json_safe_masks_every_non_finite_value():
+    nan, inf = math.nan, math.inf
+    assert json_safe({"z": [[1.0, nan], [-inf, 2]], "y": (inf, 3), "title": "nan"}) == {
+        "z": [[1.0, None], [None, 2]],
+        "y": [None, 3],
+        "title": "nan",
+    }
+    masked = json_safe(torch.tensor([[0.5, nan], [inf, -1.0]]))
+    assert masked == [[0.5, None], [None, -1.0]]
+    assert json_safe(np.float32(nan)) is None and json_safe(np.float32(2.5)) == 2.5
+    assert json_safe(torch.tensor([[inf, 0.5]], dtype=torch.bfloat16)) == [[None, 0.5]]  # a bf16 model's values
+    finite = np.array([1.0, 2.0], dtype=np.float32)
+    assert json_safe(finite) is finite  # untouched: plotly sends it as a binary buffer
+    json.dumps(json_safe({"a": np.array([nan, 1.0]), "b": [np.array([[inf]])]}), allow_nan=False)
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    """The bundled demo model: its tokenizer reads Chinese (as bytes)."""
+    return dsv2viz.load(progress=False)
+
+
+def test_no_widget_message_holds_nan_or_infinity(demo_model, widget_messages):
+    """The quickstart's sequence: a run, ban expert 1 at layer 1 and regenerate, then a Chinese prompt."""
+    dash = GenerationDashboard(demo_model)
+    dash.max_new_tokens.value = 24  # as the quickstart: the banned expert's run then writes other tokens
+    dash.run()
+    dash.iv_mode.value, dash.iv_layer.value, dash.iv_expert.value = "ban", 1, 1
+    dash.regenerate()
+    assert dash.comparison.kl.isnan().any()  # steps after the runs' tokens differ cannot be compared
+    dash.run("用中文写一个函数：")
+    trace = dash.trace
+    for position in (len(trace) - 1, trace.prompt_len - 1, 0):
+        dash.inspect.value = position
+    # what was drawn held NaN: experts a token did not choose are gaps in its routing across layers
+    assert np.isnan(plots.routing_across_layers(trace, 0).data[0].z).any()
+    assert dash.status.value == f"generated: {len(trace) - trace.prompt_len} tokens (length)"
+    assert len(widget_messages) > 100
+    for _, data in widget_messages:
+        json.dumps(data, allow_nan=False)  # what Jupyter's message packer does: raises on NaN or infinity
+    assert dash.candidates.value == notice_html(  # the prompt's first position: only the note
+        f"no next-token distribution after position 0: it is recorded while generating, after positions "
+        f"{trace.prompt_len - 1}..{len(trace) - 2}"
+    )
+
+
+def test_streamer_holds_flushes_until_the_browser_has_drawn(tiny_model):
+    model = tiny_model()
+    flushes: list[tuple[int, bool]] = []
+    generation = model.generate(PROMPT, 30, stop_tokens=())
+    streamer = Streamer(generation, lambda steps, g, final: flushes.append((len(steps), final)), ready=lambda: False)
+    streamer.interval = 0.0  # a flush would be due after every step
+    streamer.start()
+    streamer.join(30)
+    assert flushes == [(30, True)]  # nothing while the browser is busy; everything at the end
+
+
+def test_drawn_waits_for_the_browser_or_patience():
+    fig, hidden = go.FigureWidget(go.Heatmap(z=[[1, 2]])), go.FigureWidget(go.Heatmap(z=[[1, 2]]))
+    drawn = Drawn([fig, hidden], patience=60)
+    assert drawn.ready()  # nothing sent yet
+    fig.data[0].z = hidden.data[0].z = [[3, 4]]
+    drawn.sent()
+    assert drawn.ready()  # no browser has drawn either figure: nothing to wait for
+    fig._js2py_traceDeltas = {"trace_deltas": [], "trace_edit_id": fig._last_trace_edit_id}  # a browser drew it
+    fig.data[0].z = hidden.data[0].z = [[5, 6]]
+    drawn.sent()
+    assert not drawn.ready()  # that browser has not drawn this update yet
+    fig._js2py_traceDeltas = {"trace_deltas": [], "trace_edit_id": fig._last_trace_edit_id}  # now it has
+    assert drawn.ready()  # the figure no browser shows holds nothing back
+    fig.data[0].z = [[7, 8]]
+    drawn.sent()
+    drawn.patience = 0  # that browser stopped answering: the next update goes anyway
+    assert drawn.ready()
+
+
+def test_strip_sends_only_the_piece_that_grew(widget_messages):
+    strip = TokenStrip()
+    spans = [token_span(f"t{i}", i, i % 4, 5) for i in range(2 * STRIP_CHUNK + 10)]
+    strip.show(spans)
+    assert strip.value == "".join(spans)
+    widget_messages.clear()
+    spans.append(token_span("new", len(spans), 0, 5))
+    strip.show(spans, start=len(spans) - 1)
+    sent = [data["state"] for kind, data in widget_messages if kind == "comm_msg"]
+    assert sent == [{"value": "".join(spans[2 * STRIP_CHUNK :])}]  # the last piece alone, not the whole strip
+    assert strip.value == "".join(spans)
+    strip.show(spans[:3])  # a new run: one piece left
+    assert strip.value == "".join(spans[:3]) and len(strip.children) == 2  # its style and one piece

@@ -44,9 +44,20 @@ def figures(widget: ipywidgets.Widget) -> list[go.FigureWidget]:
     return [f for child in getattr(widget, "children", ()) for f in figures(child)]
 
 
+def plain(value):
+    """`value` as plain lists and numbers, NaN and infinity as None (a gap: what the widgets send)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def data(fig: go.Figure) -> list[dict]:
-    """A figure's traces as plain JSON, without the ids a FigureWidget gives them."""
-    return [{k: v for k, v in t.items() if k != "uid"} for t in json.loads(fig.to_json())["data"]]
+    """A figure's traces as plain data, without the ids a FigureWidget gives them."""
+    return [{k: plain(v) for k, v in t.to_plotly_json().items() if k != "uid"} for t in fig.data]
 
 
 def z(fig: go.Figure, index: int = 0) -> np.ndarray:
@@ -166,3 +177,14 @@ def test_token_text_is_never_raw_markup(trace):
     for fig in shown:
         assert EVIL not in fig.to_json()
     assert "&lt;img src=x onerror=alert(1)&gt;" in routing.across_layers.to_json()
+
+
+def test_no_explorer_message_holds_nan_or_infinity(trace, widget_messages):
+    routing, attention, latent = RoutingExplorer(trace), AttentionExplorer(trace), LatentExplorer(trace)
+    for position in range(len(trace)):
+        routing.position.value = position
+    routing.layer.value, attention.layer.value, attention.head.value, latent.layer.value = 2, 2, 2, 1
+    assert np.isnan(plots.routing_across_layers(trace, 0).data[0].z).any()  # gaps where no expert was chosen
+    assert len(widget_messages) > 20
+    for _, data_ in widget_messages:
+        json.dumps(data_, allow_nan=False)  # what Jupyter's message packer does: raises on NaN or infinity

@@ -150,10 +150,9 @@ def test_rope_share_without_latents_asks_for_the_latents(tiny_model):
 
 def test_no_module_outside_the_traces_package_reads_trace_tensors_by_name():
     package = Path(dsv2viz.__file__).parent
-    pending = {"widgets/dashboard.py"}  # being reworked in issue 13; it reads top_ids and topk_idx itself
     readers = {
         str(path.relative_to(package))
         for path in package.rglob("*.py")
         if path.parent.name != "traces" and re.search(r"\.tensors\b(?!\()|\.require\(", path.read_text())
     }
-    assert readers == pending
+    assert readers == set()

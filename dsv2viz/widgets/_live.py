@@ -4,16 +4,22 @@ A Jupyter kernel handles a button click only between cell executions or while an
 generation runs in a :class:`Streamer` worker thread: Stop stays clickable. Sending one widget update
 per token would flood the front end (and cost more than a tiny model's forward pass), so the worker
 keeps the steps in a buffer and hands them over in batches, at most every :data:`FLUSH_INTERVAL`
-seconds and once at the end. The flush runs in the worker between two steps, where the generation's
-trace snapshot is consistent, and the time spent in it is measured for the benchmark. However the
-run ends (finished, stopped, or an error in the model, a hook or a flush), `done` is called last, so a
-widget always returns to ready and can show the error.
+seconds, only once the browser has drawn the previous batch (`ready`), and once at the end. The
+browser, not the kernel, is what falls behind on a busy machine: it takes 0.3 to 1 s to draw one
+batch's figures, far longer than a small model takes to write a token, and batches sent faster than
+it drew them queued up there, so the page kept drawing old tokens for seconds after Stop. (Measured:
+the worker does not starve the kernel; a Stop click the browser has sent reaches the kernel within 3
+to 150 ms with both cores busy, and the generation ends before its next step.) The flush runs in the
+worker between two steps, where the generation's trace snapshot is consistent, and the time spent in
+it is measured for the benchmark. However the run ends (finished, stopped, or an error in the model, a
+hook or a flush), `done` is called last, so a widget always returns to ready and can show the error.
 
 The worker runs in a copy of the context that started it: hooks put in scope around the start (``with
 model.hooks(...): dash.run(...)``) act on its generation, and those of other runs never do.
 
 The token strip is HTML rather than a figure: one escaped ``<span>`` per token is far cheaper to grow
-than a plotly heatmap, and the colours are the figures' own expert palette.
+than a plotly heatmap, and the colours are the figures' own expert palette. It is cut in pieces
+(:class:`TokenStrip`) so that a flush sends the new tokens' piece, not the whole strip.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ import threading
 import time
 from collections.abc import Callable
 
+import ipywidgets
 import torch
 
 from ..generation import Generation, Step
 from ..plots._layout import MONO, expert_color
 from ..plots._text import token_label
 from ..plots.tokens import PROMPT_LIGHTEN
-from ..traces import Trace
+from ..traces import Trace, TraceError
 
 #: Seconds between two widget flushes while tokens stream.
 FLUSH_INTERVAL = 0.25
@@ -44,13 +51,24 @@ class Streamer:
     """Runs a Generation in a worker thread and hands its steps to `flush` in batches."""
 
     def __init__(
-        self, generation: Generation, flush: Flush, done: Done | None = None, interval: float = FLUSH_INTERVAL
+        self,
+        generation: Generation,
+        flush: Flush,
+        done: Done | None = None,
+        interval: float = FLUSH_INTERVAL,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         self.generation, self._flush, self._done, self.interval = generation, flush, done, interval
+        self._ready = ready or (lambda: True)  # False while the browser is still drawing the last flush
         self.error: BaseException | None = None  # raised by the generation or a flush, shown by the caller
         self.flushes = 0
         self.flush_seconds = 0.0  # time spent in flush (widget updates), not in the model
         self.wall_seconds = 0.0  # the whole run: model + flushes
+        # when each step arrived and when stop() was called (time.time(), comparable with a browser's clock),
+        # and how many tokens had been generated then: how promptly Stop takes effect, how far a page lags
+        self.step_times: list[float] = []
+        self.stop_requested_at: float | None = None
+        self.tokens_at_stop: int | None = None
         context = contextvars.copy_context()
         self._thread = threading.Thread(target=context.run, args=(self._work,), name="dsv2viz-generation", daemon=True)
 
@@ -59,6 +77,9 @@ class Streamer:
 
     def stop(self) -> None:
         """End the generation before its next step (thread-safe)."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.time()
+            self.tokens_at_stop = len(self.generation.token_ids) - len(self.generation.prompt_ids)
         self.generation.stop()
 
     def join(self, timeout: float | None = None) -> None:
@@ -73,8 +94,9 @@ class Streamer:
         buffer: list[Step] = []
         try:
             for step in self.generation:
+                self.step_times.append(time.time())
                 buffer.append(step)
-                if time.perf_counter() - last >= self.interval:
+                if time.perf_counter() - last >= self.interval and self._ready():
                     self._call(buffer, final=False)
                     buffer, last = [], time.perf_counter()
         except Exception as e:  # shown by `done`; the generation's hooks ended with its passes
@@ -109,11 +131,54 @@ def token_span(text: str, position: int, expert: int, prompt_len: int) -> str:
     )
 
 
-def strip_html(spans: list[str]) -> str:
-    return f'<div style="font-family:{MONO};font-size:13px;line-height:2;max-height:260px;overflow-y:auto">{"".join(spans)}</div>'
+#: Tokens per piece of the strip: a flush re-sends only the pieces that changed, about 40 KB at most.
+STRIP_CHUNK = 200
+# The strip's pieces flow as one text, wrapped into lines: a line may break between two tokens, never
+# inside one (the spans keep white-space:pre).
+_STRIP_CSS = f"""<style>
+.dsv2viz-strip {{font-family:{MONO};font-size:13px;line-height:2;white-space:normal;word-break:break-all}}
+.dsv2viz-strip .widget-html, .dsv2viz-strip .widget-html-content {{display:inline;margin:0;line-height:2}}
+</style>"""
+
+
+class TokenStrip(ipywidgets.Box):
+    """The token strip, in pieces of :data:`STRIP_CHUNK` tokens so that a flush sends only what grew.
+
+    One HTML value holding every token would be sent whole at each flush, O(tokens) bytes every time
+    (0.4 MB at 2,000 tokens); here a flush sends the piece holding the new tokens (and opens new pieces).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(layout=ipywidgets.Layout(display="block", max_height="260px", overflow="hidden auto"))
+        self.add_class("dsv2viz-strip")
+        self._css = ipywidgets.HTML(_STRIP_CSS)
+        self._pieces: list[ipywidgets.HTML] = []
+        self._shown = 0  # pieces in use
+
+    def show(self, spans: list[str], start: int = 0) -> None:
+        """Show `spans`, of which those before `start` are already shown as they are."""
+        n = -(-len(spans) // STRIP_CHUNK)  # pieces needed
+        while len(self._pieces) < n:
+            self._pieces.append(ipywidgets.HTML())
+        for i in range(start // STRIP_CHUNK, n):
+            self._pieces[i].value = "".join(spans[i * STRIP_CHUNK : (i + 1) * STRIP_CHUNK])  # sent if it changed
+        if n != self._shown:
+            self.children = (self._css, *self._pieces[:n])
+            self._shown = n
+
+    @property
+    def value(self) -> str:
+        """The HTML of every token shown, in order."""
+        return "".join(piece.value for piece in self._pieces[: self._shown])
 
 
 def newest_attention(trace: Trace, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pattern, scores_nope, scores_rope), each (S,), of the newest token's query at `layer`, `head`."""
+    """(pattern, scores_nope, scores_rope), each (S,), of the newest token's query at `layer`, `head`.
+
+    A TraceError names the Recording setting that would record them when the trace cannot split them.
+    """
+    if layer not in trace.attention_parts_layers():
+        how = trace.missing("attention_parts") or "Recording(queries=True) with attention_layers including it"
+        raise TraceError(f"layer {layer}'s attention cannot be split into content and position: record it with {how}")
     view = trace.attention(layer, head, queries=[-1])  # one row: cheap however long the trace
     return view.pattern[0], view.scores_nope[0], view.scores_rope[0]

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 
 from .. import analysis, plots
 from ..traces import Trace
-from ._figure import linked, notice
+from ._figure import figure_widget, linked, notice
 
 
 class AttentionExplorer(ipywidgets.VBox):
@@ -39,9 +39,9 @@ class AttentionExplorer(ipywidgets.VBox):
                 [notice(f"This trace has no attention to show: record it with {trace.missing('attention')}.")]
             )
             return
-        self.entropy = go.FigureWidget(plots.heads_overview(analysis.head_entropy(trace), "entropy"))
+        self.entropy = figure_widget(plots.heads_overview(analysis.head_entropy(trace), "entropy"))
         if trace.has("attention_parts"):
-            self.rope_share = go.FigureWidget(plots.heads_overview(analysis.rope_share(trace), "rope_share"))
+            self.rope_share = figure_widget(plots.heads_overview(analysis.rope_share(trace), "rope_share"))
             rope = self.rope_share
         else:
             rope = notice(

@@ -10,8 +10,11 @@ layers with its next-token candidates; and an interventions area that bans or fo
 regenerates and compares both runs (routing change per layer, KL per step).
 
 Generation runs in a worker thread (:class:`~dsv2viz.widgets._live.Streamer`) so Stop stays clickable;
-widgets are updated in coalesced batches, never per token. Figures come from :mod:`dsv2viz.plots` or
-share its look; token text is always escaped with ``token_label``.
+widgets are updated in coalesced batches, never per token, and only once the browser has drawn the
+last batch. Figures come from :mod:`dsv2viz.plots` or share its look, every value JSON-safe (NaN and
+infinity become gaps); a panel with nothing to show shows only a note saying why. What a trace holds is
+asked of the trace (``routing``, ``attention_parts_layers``, ``candidates``), never read from its
+tensors. Token text is always escaped with ``token_label``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as w
+import numpy as np
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
@@ -32,9 +36,13 @@ from ..model import DeepseekV2ForCausalLM
 from ..plots._layout import hover, row_axis, style
 from ..plots._text import token_label
 from ..tokenizer import id_labels
-from ..traces import Recording, Trace
-from ._figure import redraw
-from ._live import Flush, Streamer, newest_attention, strip_html, token_span
+from ..traces import Recording, Trace, TraceError
+from ._figure import Drawn, Panel, notice_html, redraw, update
+from ._live import Flush, Streamer, TokenStrip, newest_attention, token_span
+
+NOT_YET = "Nothing generated yet: press Generate."
+SPECTRUM_NOTE = "Press “Latent spectrum” for the singular values of every layer's cached latent (an SVD)."
+COMPARE_NOTE = "Regenerate with an intervention to compare it with this run."
 
 
 class GenerationDashboard(w.VBox):
@@ -69,7 +77,7 @@ class GenerationDashboard(w.VBox):
 
         moe = c.moe_layers
         self.layer_slider = w.SelectionSlider(options=moe, value=moe[0] if moe else None, description="MoE layer")
-        self.strip = w.HTML()
+        self.strip = TokenStrip()
         self._spans: list[str] = []
         self._top1 = torch.zeros(len(moe), 0, dtype=torch.int64)  # (M, S) top-1 expert per MoE layer and token
         self.layer_slider.observe(lambda _: self._render_strip(), names="value")
@@ -84,6 +92,7 @@ class GenerationDashboard(w.VBox):
         style(self.utilization, "Expert utilization (tokens routed)", height=200 + 22 * len(moe))
         self.utilization.update_yaxes(row_axis([str(m) for m in moe], "MoE layer"))
         self.utilization.update_xaxes(title="expert")
+        self.utilization_panel = Panel(self.utilization, NOT_YET)
 
         self.att_layer = w.Dropdown(options=list(range(c.num_hidden_layers)), value=0, description="layer")
         self.att_head = w.Dropdown(options=list(range(c.num_attention_heads)), value=0, description="head")
@@ -98,6 +107,7 @@ class GenerationDashboard(w.VBox):
             subtitle="top: pattern; bottom: its score split",
         )
         self.attention.update_xaxes(title="key position", row=2, col=1)
+        self.attention_panel = Panel(self.attention, NOT_YET)
         for widget in (self.att_layer, self.att_head):
             widget.observe(lambda _: self._guarded(self._render_attention), names="value")
 
@@ -107,12 +117,15 @@ class GenerationDashboard(w.VBox):
         style(self.latent, "Latent KV: norm of each token's cached c_kv", height=180 + 22 * c.num_hidden_layers)
         self.latent.update_yaxes(row_axis([str(i) for i in range(c.num_hidden_layers)], "layer"))
         self.latent.update_xaxes(title="position")
+        self.latent_panel = Panel(self.latent, NOT_YET)
         self.spectrum = go.FigureWidget()
+        self.spectrum_panel = Panel(self.spectrum, SPECTRUM_NOTE)
         self.spectrum_button = w.Button(description="Latent spectrum", icon="bar-chart")
         self.spectrum_button.on_click(lambda _: self._guarded(self.show_spectrum))
 
         self.inspect = w.IntSlider(value=0, min=0, max=0, description="inspect pos")
         self.inspect_figure = go.FigureWidget()
+        self.inspect_panel = Panel(self.inspect_figure, NOT_YET)
         self.candidates = w.HTML()
         self.inspect.observe(lambda _: self._guarded(self._render_inspect), names="value")
 
@@ -133,6 +146,9 @@ class GenerationDashboard(w.VBox):
         self.compare_figure.update_yaxes(title="fraction of positions", range=[0, 1], row=1, col=1)
         self.compare_figure.update_xaxes(title="generated step", row=1, col=2)
         self.compare_figure.update_yaxes(title="nats", row=1, col=2)
+        self.compare_panel = Panel(self.compare_figure, COMPARE_NOTE)
+        # live figures: a run's next flush waits until the browser has drawn these
+        self._drawn = Drawn([self.utilization, self.latent, self.attention])
 
         controls = w.HBox(
             [self.max_new_tokens, self.temperature, self.top_p, self.seed, self.stop_at_eos],
@@ -149,14 +165,14 @@ class GenerationDashboard(w.VBox):
                 row(self.generate_button, self.stop_button, self.status),
                 self.layer_slider,
                 self.strip,
-                row(self.utilization, self.latent),
+                row(self.utilization_panel, self.latent_panel),
                 row(self.att_layer, self.att_head),
-                self.attention,
+                self.attention_panel,
                 row(self.inspect, self.spectrum_button),
-                row(self.inspect_figure, self.candidates),
-                self.spectrum,
+                row(self.inspect_panel, self.candidates),
+                self.spectrum_panel,
                 row(self.iv_mode, self.iv_layer, self.iv_expert, self.iv_button),
-                self.compare_figure,
+                self.compare_panel,
             ]
         )
 
@@ -171,7 +187,7 @@ class GenerationDashboard(w.VBox):
         self._prompt = prompt
         generation = self._generation(prompt, [])
         self._reset()
-        return self._start(generation, self._flush, "generated", wait)
+        return self._start(generation, self._flush, "generated", wait, ready=self._drawn.ready)
 
     def regenerate(self, wait: bool = True) -> Streamer:
         """Rerun the last prompt with the intervention chosen in the widgets and compare it with the last run."""
@@ -187,6 +203,11 @@ class GenerationDashboard(w.VBox):
             self._streamer.stop()
 
     @property
+    def streamer(self) -> Streamer | None:
+        """The last run's Streamer (also of a run started by a button): its timings and when Stop came."""
+        return self._streamer
+
+    @property
     def running(self) -> bool:
         return self._streamer is not None and self._streamer.running
 
@@ -199,6 +220,7 @@ class GenerationDashboard(w.VBox):
         """Singular values of every layer's cached latent over the last trace (computed on request: an SVD)."""
         if self.trace is not None:
             redraw(self.spectrum, plots.latent_spectrum(self.trace))
+            self.spectrum_panel.show_figure()
 
     # ----- running ------------------------------------------------------------------------------------
     def _generation(self, prompt: Prompt, interventions: list) -> Generation:
@@ -218,9 +240,11 @@ class GenerationDashboard(w.VBox):
         if self.running:
             raise RuntimeError("a generation is running: stop it or wait for it to finish")
 
-    def _start(self, generation: Generation, flush: Flush, what: str, wait: bool) -> Streamer:
+    def _start(
+        self, generation: Generation, flush: Flush, what: str, wait: bool, ready: Callable[[], bool] | None = None
+    ) -> Streamer:
         self._idle()
-        self._streamer = Streamer(generation, flush, done=lambda streamer: self._finish(streamer, what))
+        self._streamer = Streamer(generation, flush, done=lambda streamer: self._finish(streamer, what), ready=ready)
         self.generate_button.disabled = self.iv_button.disabled = True
         self.stop_button.disabled = False
         self.status.value = "generating…"
@@ -250,25 +274,33 @@ class GenerationDashboard(w.VBox):
         self._spans = []
         self._top1 = self._top1[:, :0]
         self.counts.zero_()
-        self.strip.value = ""
+        self.strip.show([])
+        self.candidates.value = ""
+        self.inspect_panel.show_note(NOT_YET)
+        self.spectrum_panel.show_note(SPECTRUM_NOTE)
+        self.compare_panel.show_note(COMPARE_NOTE)
 
     # ----- flushes (worker thread, between steps) -----------------------------------------------------
     def _flush(self, steps: list[Step], generation: Generation, final: bool) -> None:
         trace = generation.trace
         start, S = len(self._spans), len(trace)
         if start < S:
-            experts = trace.require("topk_idx", "routing=True")[:, start:]  # (M, new, K)
-            self._top1 = torch.cat([self._top1, experts[:, :, 0]], dim=1)
-            for row in range(len(self.counts)):
-                self.counts[row] += experts[row].flatten().bincount(minlength=self.counts.shape[1])
+            if trace.moe_layers:
+                experts = torch.stack([trace.routing(layer)[0][start:] for layer in trace.moe_layers])  # (M, new, K)
+                self._top1 = torch.cat([self._top1, experts[:, :, 0]], dim=1)
+                for row in range(len(self.counts)):
+                    self.counts[row] += experts[row].flatten().bincount(minlength=self.counts.shape[1])
             self._spans += self._spans_for(trace, range(start, S))
         self.trace = trace
-        self.strip.value = strip_html(self._spans)
-        with self.utilization.batch_update():
-            self.utilization.data[0].z = self.counts.numpy().copy()
-        with self.latent.batch_update():
-            self.latent.data[0].z = analysis.latent_norms(trace).numpy()
+        self.strip.show(self._spans, start)
+        update(self.utilization, [{"z": self.counts.numpy().copy()}])
+        # (L, S) sent as JSON text (plotly sends only 1-D arrays as binary): 3 decimals, a third of the bytes,
+        # as many digits as the hover shows
+        update(self.latent, [{"z": analysis.latent_norms(trace).double().numpy().round(3)}])
+        self.utilization_panel.show_figure()
+        self.latent_panel.show_figure()
         self._render_attention()
+        self._drawn.sent()
         self.inspect.max = S - 1
         if final:
             self._render_inspect()
@@ -286,14 +318,17 @@ class GenerationDashboard(w.VBox):
         base, other = self.trace, generation.trace
         self.intervention_trace, self.comparison = other, analysis.compare(base, other)
         cmp = self.comparison
-        with self.compare_figure.batch_update():
-            self.compare_figure.data[0].update(x=[str(m) for m in cmp.layers], y=cmp.routing_changed.numpy())
-            self.compare_figure.data[1].update(x=list(range(len(cmp.kl))), y=cmp.kl.numpy())
-            what = f"{self.iv_mode.value} expert {self.iv_expert.value} at layer {self.iv_layer.value}"
-            diverge = "never" if cmp.first_divergence is None else f"at position {cmp.first_divergence}"
-            self.compare_figure.layout.title.text = (
-                f"Intervention ({what}) against the base run; tokens diverge {diverge}"
-            )
+        what = f"{self.iv_mode.value} expert {self.iv_expert.value} at layer {self.iv_layer.value}"
+        diverge = "never" if cmp.first_divergence is None else f"at position {cmp.first_divergence}"
+        update(
+            self.compare_figure,
+            [
+                {"x": [str(m) for m in cmp.layers], "y": cmp.routing_changed},
+                {"x": list(range(len(cmp.kl))), "y": cmp.kl},  # NaN where the runs' tokens differ: a gap
+            ],
+            title_text=f"Intervention ({what}) against the base run; tokens diverge {diverge}",
+        )
+        self.compare_panel.show_figure()
 
     # ----- rendering ----------------------------------------------------------------------------------
     def _spans_for(self, trace: Trace, positions: range) -> list[str]:
@@ -304,29 +339,30 @@ class GenerationDashboard(w.VBox):
     def _render_strip(self) -> None:
         if self.trace is not None:
             self._spans = self._spans_for(self.trace, range(len(self._spans)))
-            self.strip.value = strip_html(self._spans)
+            self.strip.show(self._spans)
 
     def _render_attention(self) -> None:
         trace = self.trace
         if trace is None:
             return
         layer, head = self.att_layer.value, self.att_head.value
-        pattern, nope, rope = newest_attention(trace, layer, head)
+        try:
+            pattern, nope, rope = newest_attention(trace, layer, head)
+        except TraceError as e:  # this layer or head was not recorded: say which setting records it
+            self.attention_panel.show_note(str(e))
+            return
         S = len(pattern)
-        x, labels = list(range(S)), [[token_label(t)] for t in trace.token_texts[:S]]
-        share = float((pattern * rope.abs()).sum() / (pattern * (nope.abs() + rope.abs())).sum())
-        with self.attention.batch_update():
-            for bar, y in zip(self.attention.data, (pattern, nope, rope)):
-                bar.update(
-                    x=x,
-                    y=y.numpy(),
-                    customdata=labels,
-                    hovertemplate=hover("%{customdata[0]} (position %{x})", "%{y:.4f}"),
-                )
-            newest = token_label(trace.token_texts[-1])
-            self.attention.layout.title.text = (
-                f"Attention of the newest token “{newest}”, layer {layer} head {head}: rope share {share:.2f}"
-            )
+        x, labels = np.arange(S, dtype=np.int32), [[token_label(t)] for t in trace.token_texts[:S]]
+        weighted = pattern * (nope.abs() + rope.abs())  # (S,) how much each key's score parts weigh
+        share = f": rope share {float((pattern * rope.abs()).sum() / weighted.sum()):.2f}" if weighted.sum() > 0 else ""
+        hovertemplate = hover("%{customdata[0]} (position %{x})", "%{y:.4f}")
+        newest = token_label(trace.token_texts[-1])
+        update(
+            self.attention,
+            [{"x": x, "y": y, "customdata": labels, "hovertemplate": hovertemplate} for y in (pattern, nope, rope)],
+            title_text=f"Attention of the newest token “{newest}”, layer {layer} head {head}{share}",
+        )
+        self.attention_panel.show_figure()
 
     def _render_inspect(self) -> None:
         trace = self.trace
@@ -334,16 +370,17 @@ class GenerationDashboard(w.VBox):
             return
         p = min(self.inspect.value, len(trace) - 1)
         redraw(self.inspect_figure, plots.routing_across_layers(trace, p))
-        step = p - trace.prompt_len + 1  # the distribution computed after reading position p
-        if "top_ids" in trace.tensors and 0 <= step < len(trace.tensors["top_ids"]):
-            ids, probs = trace.tensors["top_ids"][step].tolist(), trace.tensors["top_probs"][step].tolist()
-            rows = "".join(
-                f"<tr><td style='font-family:monospace'>{token_label(t)}</td><td>{q:.3f}</td></tr>"
-                for t, q in zip(id_labels(self.model.tokenizer, ids), probs)
-            )
-            self.candidates.value = f"<b>next-token candidates after position {p}</b><table>{rows}</table>"
-        else:
-            self.candidates.value = f"no next-token distribution recorded after position {p}"
+        self.inspect_panel.show_figure()
+        try:
+            ids, probs = trace.candidates(p)  # the distribution computed after reading position p
+        except TraceError as e:  # a prompt position, or candidates not recorded: only the note
+            self.candidates.value = notice_html(str(e))
+            return
+        rows = "".join(
+            f"<tr><td style='font-family:monospace'>{token_label(t)}</td><td>{q:.3f}</td></tr>"
+            for t, q in zip(id_labels(self.model.tokenizer, ids.tolist()), probs.tolist())
+        )
+        self.candidates.value = f"<b>next-token candidates after position {p}</b><table>{rows}</table>"
 
 
 def _error_line(error: BaseException) -> str:

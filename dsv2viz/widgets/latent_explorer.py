@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 
 from .. import plots
 from ..traces import Trace
-from ._figure import linked, notice
+from ._figure import figure_widget, linked, notice
 
 #: Opacity of the other layers' spectra while one layer is selected.
 DIMMED = 0.2
@@ -43,7 +43,7 @@ class LatentExplorer(ipywidgets.VBox):
             options=[("all layers", None)] + [(f"layer {lay}", lay) for lay in range(trace.config.num_hidden_layers)],
             description="layer",
         )
-        self.memory = go.FigureWidget(plots.kv_cache_memory(trace.config))
+        self.memory = figure_widget(plots.kv_cache_memory(trace.config))
         self.spectrum: go.FigureWidget | None = None
         self.norms: go.FigureWidget | None = None
         if not trace.has("latents"):
@@ -51,5 +51,5 @@ class LatentExplorer(ipywidgets.VBox):
             super().__init__([notice(why), self.memory])
             return
         self.spectrum = linked([self.layer], lambda: spectrum(trace, self.layer.value))
-        self.norms = go.FigureWidget(plots.latent_norms(trace))
+        self.norms = figure_widget(plots.latent_norms(trace))
         super().__init__([self.layer, self.spectrum, self.norms, self.memory])

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 
 from .. import analysis, plots
 from ..traces import Trace
-from ._figure import linked, notice
+from ._figure import figure_widget, linked, notice
 
 
 class RoutingExplorer(ipywidgets.VBox):
@@ -45,8 +45,8 @@ class RoutingExplorer(ipywidgets.VBox):
             lambda: plots.coactivation_matrix(analysis.coactivation(trace, self.layer.value), self.layer.value),
         )
         self.across_layers = linked([self.position], lambda: plots.routing_across_layers(trace, self.position.value))
-        self.utilization = go.FigureWidget(plots.utilization_heatmap(analysis.expert_utilization(trace)))
-        self.confidence = go.FigureWidget(plots.routing_confidence(trace))
+        self.utilization = figure_widget(plots.utilization_heatmap(analysis.expert_utilization(trace)))
+        self.confidence = figure_widget(plots.routing_confidence(trace))
         super().__init__(
             [
                 self.layer,
