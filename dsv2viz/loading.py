@@ -41,6 +41,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    compile: bool | None = None,
 ) -> DeepseekV2ForCausalLM:
     """Load the model in `path` for inference (eval mode, no gradients), with its tokenizer when present.
 
@@ -49,6 +50,11 @@ def load(
 
     `device` defaults to CUDA when available, else CPU; `dtype` to bf16 on CUDA and fp32 on CPU. The
     tokenizer, if the folder has ``tokenizer.json``, is at ``model.tokenizer`` (else None).
+
+    `compile` says whether generations compile their decoding step (dsv2viz.fast_decode; the first
+    generation pays the compile, later ones reuse it); None follows the environment variable
+    ``DSV2VIZ_COMPILE`` (on unless it is 0). The routed experts' weights are read into one stack per layer,
+    each expert's parameters a view into it, so they are held once.
     """
     folder = DEMO_MODEL if path is None else Path(path).expanduser()
     if not folder.is_dir():
@@ -73,10 +79,12 @@ def load(
     except CheckpointError as e:
         raise CheckpointError(f"{e}\n(the shapes expected come from {folder / 'config.json'})") from None
 
-    state = dict(ckpt.iter_tensors(device=device, dtype=dtype, progress=progress))
+    # each routed expert is copied into its layer's stack as it is read (its parameters become views of it)
+    state = dict(model.into_expert_stacks(ckpt.iter_tensors(device=device, dtype=dtype, progress=progress)))
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval().requires_grad_(False)
     model.tokenizer = tokenizer
+    model.compile_decode = compile
     return model

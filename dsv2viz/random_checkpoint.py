@@ -63,13 +63,18 @@ def write_random_checkpoint(
     return write_checkpoint(folder, model, tokenizer, dtype=dtype)
 
 
+def _alone(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy when it is a view into a larger tensor (stacked experts): safetensors stores no shared memory."""
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
+
+
 def write_checkpoint(
     folder: str | os.PathLike, model: DeepseekV2ForCausalLM, tokenizer: tokenizers.Tokenizer, *, dtype: torch.dtype
 ) -> Path:
     """Save `model` and `tokenizer` in the official checkpoint's layout, weights in `dtype`; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: _alone(v.detach().to(dtype).contiguous()) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
