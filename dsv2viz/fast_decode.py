@@ -418,7 +418,6 @@ class FastDecoder:
         self.ids.fill_(token)
         self.pos.fill_(position)
         self.row.fill_(max(0, position - self.recorder.first_row))
-        compiled = compile_by_default() if model.compile_decode is None else model.compile_decode
         with torch.no_grad():
             x = model.model.embed_tokens(self.ids)  # (1, 1, D)
             if "resid_norms" in self.recorder.buffers:
@@ -427,7 +426,7 @@ class FastDecoder:
             finite = []
             for block, plan, cache, stacked, rec, iv in self.layers:
                 args = (block, plan, x, cos, sin, self.pos, self.row, cache, *([stacked] if stacked else []), rec, iv)
-                x, ok = self._layer(compiled, stacked is not None, args)
+                x, ok = self._layer(stacked is not None, args)
                 finite.append(ok)
             x = model.model.norm(x)
             finite.append(torch.isfinite(x).all())
@@ -437,9 +436,9 @@ class FastDecoder:
         self.cache.advance(1)
         return logits
 
-    def _layer(self, compiled: bool, moe: bool, args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layer(self, moe: bool, args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         eager = moe_layer_step if moe else dense_layer_step
-        if not compiled:
+        if not (compile_by_default() if self.model.compile_decode is None else self.model.compile_decode):
             return eager(*args)
         with _LOCK:
             plans = _COMPILED_PLANS.setdefault(self.model, set())
