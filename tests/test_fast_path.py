@@ -8,8 +8,10 @@ Tests use the step uncompiled (DSV2VIZ_COMPILE=0, see conftest), except the comp
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,3 +362,18 @@ def test_the_compiled_step_matches_and_compiles_once_for_every_length(tiny_model
     other.run()
     assert counters["stats"]["unique_graphs"] == graphs and other.compile_seconds is None
     assert other.decode_path == "fast"
+
+
+def test_bench_gpu_dry_runs_on_cpu_through_the_fast_path(capsys):
+    """benchmarks/bench_gpu.py at tiny size on the CPU: one row per context, decoding on the fast path."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--tiny", "--device", "cpu", "--contexts", "16", "40", "--decode-steps", "4", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "fast path fast;" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["16"], ["40"])}
+    assert sorted(rows) == ["16", "40"]
+    for row in rows.values():  # prefill, decode, share of bandwidth, no recording, eager: all measured
+        assert all(float(cell.rstrip("%")) > 0 for cell in row[1:6])
