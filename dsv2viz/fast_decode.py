@@ -76,12 +76,13 @@ def compile_by_default() -> bool:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What one layer's decoding step computes besides its output; compiled once per plan and kind of layer."""
+    """What one layer's decoding step computes besides its output; compiled once per plan and kind of layer.
 
-    routing: bool = False  # MoE layers: top-k experts and weights recorded
-    router_probs: bool = False
-    moe_norms: bool = False
-    residual_norms: bool = False
+    Routing, residual and MoE norms are always written (a few values per token, into scratch buffers when
+    the Recording does not keep them), so the default Recording and Recording.off() share one compiled step.
+    """
+
+    router_probs: bool = False  # MoE layers: the full router distribution recorded
     queries: bool = False  # this layer's queries recorded
     patterns: bool = False  # and its attention rows
     interventions: tuple[str, ...] = ()  # the kinds of intervention the generation applies, sorted
@@ -223,8 +224,7 @@ def layer_step(
     x = x + (block.mlp.swiglu(h) if stacked is None else _moe(block.mlp, h, stacked, pos, plan, rec, iv))
     if "steer" in plan.interventions:
         x = x + iv["steer"]
-    if plan.residual_norms:
-        rec["resid_norms"].index_copy_(0, pos, token_norms(x))
+    rec["resid_norms"].index_copy_(0, pos, token_norms(x))
     return x, all_finite(x)
 
 
@@ -283,19 +283,16 @@ def _moe(
     if "force_experts" in plan.interventions:
         idx = forced_routing(idx, iv["force"], iv["force_n"])
     weights = expert_weights(probs, idx, c)
-    if plan.routing:
-        rec["topk_idx"].index_copy_(0, pos, idx[0])
-        rec["topk_weights"].index_copy_(0, pos, weights[0])
+    rec["topk_idx"].index_copy_(0, pos, idx[0])
+    rec["topk_weights"].index_copy_(0, pos, weights[0])
     K = idx.shape[-1]
     routed = few_token_experts(x.view(-1, D), idx.view(-1, K), weights.view(-1, K), *stacked)
     routed = routed.view(B, T, D).to(x.dtype)
-    if plan.moe_norms:
-        rec["routed_norms"].index_copy_(0, pos, token_norms(routed))
+    rec["routed_norms"].index_copy_(0, pos, token_norms(routed))
     if not c.n_shared_experts:
         return routed
     shared = moe.shared_experts.swiglu(x)
-    if plan.moe_norms:
-        rec["shared_norms"].index_copy_(0, pos, token_norms(shared))
+    rec["shared_norms"].index_copy_(0, pos, token_norms(shared))
     return routed + shared
 
 
@@ -334,6 +331,8 @@ def _(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torch.Tens
 
 
 # ----- compiling and running -----------------------------------------------------------------------------
+#: Written by every step whatever the Recording keeps (see LayerPlan).
+ALWAYS_WRITTEN = ("topk_idx", "topk_weights", "routed_norms", "shared_norms", "resid_norms")
 _COMPILED: dict[tuple[str | None, bool], object] = {}  # (compile mode, MoE layer) -> the compiled layer step
 _COMPILED_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> plans it has compiled
 _PLANS: dict[LayerPlan, LayerPlan] = {}  # one object per distinct plan, so the compiled code's guards match
@@ -363,7 +362,15 @@ class FastDecoder:
         self, model: DeepseekV2ForCausalLM, recorder: Recorder, specs: list[InterventionSpec], cache: LatentKVCache
     ) -> None:
         self.model, self.cache, self.recorder = model, cache, recorder
-        c, device, buffers = model.config, model.device, recorder.buffers
+        c, device = model.config, model.device
+        shapes = recorder.shapes(everything=True)
+        buffers = {  # scratch for what every step writes and the Recording does not keep
+            n: torch.zeros(shapes[n][0], dtype=shapes[n][1], device=device)
+            for n in ALWAYS_WRITTEN
+            if n in shapes and n not in recorder.buffers
+        }
+        buffers.update(recorder.buffers)
+        self.resid_norms = buffers["resid_norms"]
         kinds = tuple(sorted({s.kind for s in specs}))
         tables = intervention_tables(model, specs, cache.capacity)
         heads = torch.tensor(recorder.heads, device=device)
@@ -377,8 +384,7 @@ class FastDecoder:
                 n: buffers[n][m] for n in ("topk_idx", "topk_weights", "router_probs") if n in buffers and m is not None
             }
             rec.update((n, buffers[n][m]) for n in ("routed_norms", "shared_norms") if n in buffers and m is not None)
-            if "resid_norms" in buffers:
-                rec["resid_norms"] = buffers["resid_norms"][layer + 1]
+            rec["resid_norms"] = buffers["resid_norms"][layer + 1]
             if layer in recorder.att_layers:
                 rec.update(q_nope=buffers[f"q_nope.{layer}"], q_pe=buffers[f"q_pe.{layer}"], heads=heads)
                 if f"attention.{layer}" in buffers:
@@ -388,10 +394,7 @@ class FastDecoder:
                 k: (t[m] if k in per_moe else t[layer]) for k, t in tables.items() if m is not None or k not in per_moe
             }
             plan = LayerPlan(
-                routing="topk_idx" in rec,
                 router_probs="router_probs" in rec,
-                moe_norms="routed_norms" in rec,
-                residual_norms="resid_norms" in rec,
                 queries="q_nope" in rec,
                 patterns="attention" in rec,
                 interventions=kinds,
@@ -432,8 +435,7 @@ class FastDecoder:
         self.row.fill_(max(0, position - self.recorder.first_row))
         with torch.no_grad():
             x = model.model.embed_tokens(self.ids)  # (1, 1, D)
-            if "resid_norms" in self.recorder.buffers:
-                self.recorder.buffers["resid_norms"][0].index_copy_(0, self.pos, token_norms(x))
+            self.resid_norms[0].index_copy_(0, self.pos, token_norms(x))
             cos, sin = model.model.rope.cos_sin(self.pos)
             finite = []
             for block, plan, cache, stacked, rec, iv in self.layers:

@@ -48,9 +48,11 @@ class Recorder:
         self.cache: LatentKVCache | None = None
         self.length = 0  # positions committed
 
-    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Name -> (shape, dtype) of every buffer the recording needs."""
-        c, rec, S = self.model.config, self.recording, self.positions
+    def shapes(self, everything: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every buffer the recording needs (`everything`: as if it recorded routing,
+        router probabilities and residual and MoE norms)."""
+        c, S = self.model.config, self.positions
+        rec = Recording(router_probs=True, moe_norms=True) if everything else self.recording
         M, L, K, E = len(c.moe_layers), c.num_hidden_layers, c.num_experts_per_tok, c.n_routed_experts
         h, dtype, f32 = len(self.heads), self.model.dtype, torch.float32
         out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
