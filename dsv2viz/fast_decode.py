@@ -24,9 +24,10 @@ Each generation has its own cache, buffers and tables, so generations in two thr
 Compilation. ``torch.compile`` of the layer steps (inductor with its C++ wrapper on a CPU; ``mode="reduce-overhead"``, CUDA graphs,
 on a GPU), once per kind of layer and :class:`LayerPlan` (what is recorded, which kinds of intervention), reused by
 later generations: the cache length is a dynamic dimension. The first generation of a plan pays the
-compile (``Generation.compile_seconds``, also logged). ``dsv2viz.load(..., compile=False)``,
-``model.compile_decode = False`` or the environment variable ``DSV2VIZ_COMPILE=0`` turn it off; the same
-step then runs uncompiled. A compile that fails (no C++ compiler, say) warns once and runs it uncompiled.
+compile (``Generation.compile_seconds``, also logged). It is on by default on a GPU and off on a CPU;
+``dsv2viz.load(..., compile=True/False)``, ``model.compile_decode = True/False`` or the environment variable
+``DSV2VIZ_COMPILE=1/0`` decide otherwise (uncompiled, the same step runs as plain PyTorch). A compile that
+fails (no C++ compiler, say) warns once and the step runs uncompiled.
 """
 
 from __future__ import annotations
@@ -65,13 +66,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dsv2viz")
 
-#: Set to 0 (or false, no, off) to run the fast path uncompiled by default.
+#: 1 (or true, yes, on) compiles the fast path's step, 0 (false, no, off) runs it uncompiled; unset: compiled on a GPU only.
 COMPILE_ENV = "DSV2VIZ_COMPILE"
 
 
-def compile_by_default() -> bool:
-    """Whether new models compile their decoding step: yes unless ``DSV2VIZ_COMPILE`` says 0/false/no/off."""
-    return os.environ.get(COMPILE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+def compile_by_default(device: torch.device) -> bool:
+    """Whether a model that was not told (``compile_decode`` None) compiles its decoding step: as ``DSV2VIZ_COMPILE``
+    says, else on a GPU only. On a GPU compiling (CUDA graphs) is what makes batch-1 decoding bandwidth-bound
+    instead of launch-bound; on a CPU it costs 20-60 s once for a few milliseconds per token, which pays off
+    only over long generations of mid-sized models, so it is asked for there (``load(..., compile=True)``)."""
+    value = os.environ.get(COMPILE_ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return device.type == "cuda"
+
+
+def compiling(model: DeepseekV2ForCausalLM) -> bool:
+    """Whether `model`'s generations compile their decoding step now."""
+    return compile_by_default(model.device) if model.compile_decode is None else model.compile_decode
 
 
 @dataclass(frozen=True)
@@ -433,6 +447,8 @@ class FastDecoder:
         self.ids.fill_(token)
         self.pos.fill_(position)
         self.row.fill_(max(0, position - self.recorder.first_row))
+        if model.device.type == "cuda":  # a new step: CUDA graph trees may reuse the last step's outputs' memory
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
             x = model.model.embed_tokens(self.ids)  # (1, 1, D)
             self.resid_norms[0].index_copy_(0, self.pos, token_norms(x))
@@ -452,7 +468,7 @@ class FastDecoder:
 
     def _layer(self, moe: bool, args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         eager = moe_layer_step if moe else dense_layer_step
-        if not (compile_by_default() if self.model.compile_decode is None else self.model.compile_decode):
+        if not compiling(self.model):
             return eager(*args)
         with _LOCK:
             plans = _COMPILED_PLANS.setdefault(self.model, set())
@@ -465,7 +481,7 @@ class FastDecoder:
             self.model.compile_decode = False
             warnings.warn(
                 f"dsv2viz: compiling the decoding step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                f"decoding uncompiled. Set {COMPILE_ENV}=0 or load(..., compile=False) to skip the attempt.",
+                f"decoding uncompiled. {COMPILE_ENV}=0 or load(..., compile=False) skips the attempt.",
                 RuntimeWarning,
                 stacklevel=5,
             )

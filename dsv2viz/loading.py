@@ -51,10 +51,10 @@ def load(
     `device` defaults to CUDA when available, else CPU; `dtype` to bf16 on CUDA and fp32 on CPU. The
     tokenizer, if the folder has ``tokenizer.json``, is at ``model.tokenizer`` (else None).
 
-    `compile` says whether generations compile their decoding step (dsv2viz.fast_decode; the first
-    generation pays the compile, later ones reuse it); None follows the environment variable
-    ``DSV2VIZ_COMPILE`` (on unless it is 0). The routed experts' weights are read into one stack per layer,
-    each expert's parameters a view into it, so they are held once.
+    `compile` says whether generations compile their decoding step (dsv2viz.fast_decode: the first generation
+    of a recording plan pays the compile, later ones reuse it); None: as the environment variable
+    ``DSV2VIZ_COMPILE`` says, else on a GPU only. The routed experts' weights are read into one stack per
+    layer, each expert's parameters a view into it, so they are held once.
     """
     folder = DEMO_MODEL if path is None else Path(path).expanduser()
     if not folder.is_dir():

@@ -606,7 +606,7 @@ class DeepseekV2ForCausalLM(HookedModule):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.hook_logits = HookPoint("(B, T, V)")
         self.tokenizer: Tokenizer | None = None  # set by dsv2viz.load when the folder has one
-        # whether generations compile their decoding step (dsv2viz.fast_decode); None: the DSV2VIZ_COMPILE default
+        # whether generations compile their decoding step (dsv2viz.fast_decode); None: DSV2VIZ_COMPILE, else GPU only
         self.compile_decode: bool | None = None
         self.setup_hook_names()
 

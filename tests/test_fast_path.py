@@ -319,11 +319,18 @@ def test_restacking_after_a_move_keeps_the_weights(tiny_model):
     assert all(torch.equal(p, b.double()) for p, b in zip(moe._expert_weights(), before))
 
 
-def test_compile_switches(monkeypatch):
-    monkeypatch.setenv("DSV2VIZ_COMPILE", "0")
-    assert not fast_decode.compile_by_default()
+def test_compile_switches(tiny_model, monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("DSV2VIZ_COMPILE", raising=False)
+    assert not fast_decode.compile_by_default(cpu) and fast_decode.compile_by_default(cuda)
+    monkeypatch.setenv("DSV2VIZ_COMPILE", "off")
+    assert not fast_decode.compile_by_default(cuda)
     monkeypatch.setenv("DSV2VIZ_COMPILE", "1")
-    assert fast_decode.compile_by_default()
+    assert fast_decode.compile_by_default(cpu)
+    model = tiny_model()
+    assert fast_decode.compiling(model)  # the variable decides for a model not told
+    model.compile_decode = False
+    assert not fast_decode.compiling(model)
 
 
 def test_a_failing_compiler_warns_once_and_decodes_uncompiled(tiny_model, monkeypatch):
