@@ -1,13 +1,15 @@
-"""The fast decoding path: one fixed-shape step per generated token, compiled once per model and plan.
+"""The fast decoding path: one fixed-shape step per generated token, compiled once and reused.
 
 Which path runs. ``model.generate`` decodes a token through this path when the only hooks in play are the
 generation's own: its :class:`~dsv2viz.traces.Recording`, and built-in interventions
 (:mod:`dsv2viz.interventions`, applied from their specs). It decodes through the eager model, hook points
-and all (the reference), when an intervention is a hook function without a spec; for any step during
-which a model-wide hook (``model.add_hook``) or a hook in scope around the generation
-(``with model.hooks(...)``) is attached; and in training mode or under ``set_attention_impl("naive")``.
-The prompt is read by the eager model either way (one pass; its MoE runs as grouped GEMMs).
-``Generation.decode_path`` says which path the latest step took, and why not the fast one.
+and all (the reference), for any step during which a model-wide hook (``model.add_hook``) or a hook in
+scope around the generation (``with model.hooks(...)``) is attached; and for the whole generation when an
+intervention is a hook function without a spec (or a built-in one moved to another hook point), when two
+force/patch/steer interventions act on one layer, when a latent patch's value does not fit one position,
+in training mode or while the experts' weights require gradients, or under ``set_attention_impl("naive")``. The prompt is read by the eager model either
+way (one pass; fused attention, the MoE as grouped GEMMs). ``Generation.decode_path`` says which path the
+latest step took, and why not the fast one.
 
 The step, gpt-fast's recipe. The latent cache is preallocated to the generation's final length, and one
 position tensor drives the rope angles, the cache write (``index_copy_`` at that position) and the causal
@@ -15,19 +17,21 @@ mask (keys 0..pos of the whole cache), so every step has the same shapes. The ro
 step's token: on a GPU the stacked expert weights (:meth:`~dsv2viz.model.MoE.stacked_experts`) are indexed
 by the top-k ids and batch-multiplied (gpt-fast's Mixtral MoE; inductor fuses the gather into the
 matrix-vector products); on a CPU, where gathering weights copies them and costs more than the products,
-the (token, slot) pairs go through grouped GEMMs inside one opaque op. Nothing in the step waits for the
-host. What the Recording asks is written, inside the step, into the Recorder's buffers at the step's
-position (latents are read from the cache afterwards, not copied), and built-in interventions come in as
-tables of tensors over the layers: changing what is recorded or intervened on changes arguments, not code.
-Each generation has its own cache, buffers and tables, so generations in two threads share nothing mutable.
+the eager MoE's own routine (:func:`~dsv2viz.model.routed_sum`: expert by expert over views of the stack
+for a few rows) runs inside one opaque op. Nothing in the step waits for the host. What the Recording
+asks is written, inside the step, into the Recorder's buffers at the step's position (latents are read
+from the cache afterwards, not copied), and built-in interventions come in as tables of tensors over the
+layers: changing what is recorded or intervened on changes arguments, not code. Each generation has its
+own cache, buffers and tables, so generations in two threads share nothing mutable.
 
-Compilation. ``torch.compile`` of the layer steps (inductor with its C++ wrapper on a CPU; ``mode="reduce-overhead"``, CUDA graphs,
-on a GPU), once per kind of layer and :class:`LayerPlan` (what is recorded, which kinds of intervention), reused by
-later generations: the cache length is a dynamic dimension. The first generation of a plan pays the
-compile (``Generation.compile_seconds``, also logged). It is on by default on a GPU and off on a CPU;
-``dsv2viz.load(..., compile=True/False)``, ``model.compile_decode = True/False`` or the environment variable
-``DSV2VIZ_COMPILE=1/0`` decide otherwise (uncompiled, the same step runs as plain PyTorch). A compile that
-fails (no C++ compiler, say) warns once and the step runs uncompiled.
+Compilation. ``torch.compile`` of the layer steps (inductor with its C++ wrapper on a CPU;
+``mode="reduce-overhead"``, CUDA graphs, on a GPU): one compiled function per kind of layer (dense, MoE)
+and :class:`LayerPlan`, shared by every layer of that kind and reused by later generations of any length
+(the cache length is a dynamic dimension). The first generation of a plan pays the compile
+(``Generation.compile_seconds``, also logged). It is on by default on a GPU and off on a CPU;
+``dsv2viz.load(..., compile=True/False)``, ``model.compile_decode = True/False`` or the environment
+variable ``DSV2VIZ_COMPILE=1/0`` decide otherwise (uncompiled, the same step runs as plain PyTorch). A
+compile that fails (no C++ compiler, say) warns once and the step runs uncompiled.
 """
 
 from __future__ import annotations
@@ -66,13 +70,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dsv2viz")
 
-#: 1 (or true, yes, on) compiles the fast path's step, 0 (false, no, off) runs it uncompiled; unset: compiled on a GPU only.
+#: 1 (true, yes, on) compiles the fast path's step, 0 (false, no, off) runs it uncompiled; unset: on a GPU only.
 COMPILE_ENV = "DSV2VIZ_COMPILE"
 
 
 def compile_by_default(device: torch.device) -> bool:
-    """Whether a model that was not told (``compile_decode`` None) compiles its decoding step: as ``DSV2VIZ_COMPILE``
-    says, else on a GPU only. On a GPU compiling (CUDA graphs) is what makes batch-1 decoding bandwidth-bound
+    """Whether a model not told (``compile_decode`` None) compiles its decoding step: as ``DSV2VIZ_COMPILE`` says,
+    else on a GPU only. On a GPU compiling (CUDA graphs) is what makes batch-1 decoding bandwidth-bound
     instead of launch-bound; on a CPU it costs 20-60 s once for a few milliseconds per token, which pays off
     only over long generations of mid-sized models, so it is asked for there (``load(..., compile=True)``)."""
     value = os.environ.get(COMPILE_ENV, "").strip().lower()
@@ -112,6 +116,10 @@ def unavailable(model: DeepseekV2ForCausalLM, interventions: list[tuple]) -> str
     """Why a generation with these interventions cannot decode through the fast path (None: it can)."""
     if model.training:
         return "the model is in training mode"
+    if any(
+        p.requires_grad for b in model.model.layers if isinstance(b.mlp, MoE) for p in b.mlp.experts[0].parameters()
+    ):
+        return "the experts' weights require gradients (stacking them would replace the parameters being trained)"
     if any(block.self_attn.impl == "naive" for block in model.model.layers):
         return "set_attention_impl('naive') is set"
     seen = set()

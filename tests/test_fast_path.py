@@ -234,6 +234,16 @@ def test_other_hooks_send_steps_to_the_eager_path_and_see_them(tiny_model):
     assert "attached at 'model.layers.2.mlp.gate.hook_probs'" in elsewhere.decode_path
 
 
+def test_a_model_being_trained_keeps_its_parameter_objects(tiny_model):
+    """Stacking experts replaces their parameters, which an optimizer holds: never while they require gradients."""
+    model = tiny_model().requires_grad_(True)
+    before = [id(p) for p in model.parameters()]
+    gen = model.generate(PROMPT, 3)
+    gen.run()
+    assert gen.decode_path.startswith("eager (the experts' weights require gradients")
+    assert [id(p) for p in model.parameters()] == before
+
+
 def test_steps_switching_paths_mid_generation_give_the_same_trace(tiny_model):
     model = tiny_model()
     record = Recording(attention="last_row", **EVERYTHING)
