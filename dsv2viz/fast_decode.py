@@ -58,6 +58,7 @@ from .model import (
     all_finite,
     expert_weights,
     grouped_experts,
+    grouped_mm_supported,
     routed_sum,
     top_experts,
 )
@@ -321,9 +322,16 @@ def _moe(
 def few_token_experts(
     x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
-    """(N, D) fp32 weighted sum of each row's K chosen experts, x (N, D), idx and weights (N, K), for a few rows."""
+    """(N, D) fp32 weighted sum of each row's K chosen experts, x (N, D), idx and weights (N, K), for a few rows.
+
+    On a CPU, the eager MoE's routine in one opaque op. On a GPU, compiled: gpt-fast's gather, which inductor
+    fuses into the products; uncompiled, the eager MoE's grouped GEMMs where they run, since an uncompiled
+    gather copies the chosen experts' weights before reading them.
+    """
     if x.device.type == "cpu":
         return torch.ops.dsv2viz.grouped_routed_sum(x, idx, weights, w13, w2)
+    if not torch.compiler.is_compiling() and grouped_mm_supported(x, w13.shape[2], w13.shape[1] // 2):
+        return routed_sum(x, idx, weights, functools.partial(grouped_experts, w13=w13, w2=w2))
     return gathered_routed_sum(x, idx, weights, w13, w2)
 
 

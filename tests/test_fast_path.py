@@ -8,6 +8,7 @@ Tests use the step uncompiled (DSV2VIZ_COMPILE=0, see conftest), except the comp
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import threading
 import time
@@ -21,7 +22,7 @@ from dsv2viz import NonFiniteError, fast_decode
 from dsv2viz import interventions as iv
 from dsv2viz.analysis.routing import router_margin
 from dsv2viz.hooks import scope
-from dsv2viz.model import MoE
+from dsv2viz.model import MoE, grouped_experts, routed_sum
 from dsv2viz.random_checkpoint import write_random_checkpoint
 from dsv2viz.traces import Recording
 from dsv2viz.traces.recorder import Recorder
@@ -291,6 +292,18 @@ def test_grouped_experts_equal_the_per_expert_loop(tiny_model):
     torch.testing.assert_close(grouped, looped, atol=1e-5, rtol=0)
     assert all(torch.equal(cache[k], cache2[k]) for k in cache)
     assert sum(seen) == 3 * 50 * 3 * len(model.config.moe_layers)  # every (token, slot) pair, once
+
+
+def test_the_gpu_gather_formulation_equals_the_grouped_one():
+    """gpt-fast's indexed batch-multiply (the compiled GPU step's MoE) against the grouped GEMMs, on the CPU."""
+    gen = torch.Generator().manual_seed(0)
+    E, K, D, inter, N = 8, 3, 16, 12, 5
+    w13, w2 = torch.randn(E, 2 * inter, D, generator=gen), torch.randn(E, D, inter, generator=gen)
+    x, weights = torch.randn(N, D, generator=gen), torch.rand(N, K, generator=gen)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(N)])
+    gathered = fast_decode.gathered_routed_sum(x, idx, weights, w13, w2)
+    grouped = routed_sum(x, idx, weights, functools.partial(grouped_experts, w13=w13, w2=w2))
+    torch.testing.assert_close(gathered, grouped, atol=1e-5, rtol=1e-5)
 
 
 def test_loaded_experts_are_views_of_one_stack_per_layer(tmp_path):
