@@ -9,6 +9,11 @@ A generation's hooks (its recorder's and its interventions') act on its own forw
 resolved, all or nothing, when the generation is created, and put in scope (:func:`dsv2viz.hooks.scope`)
 around each of its forward passes. Between two steps, paused, abandoned or while another thread or
 dashboard runs the same model, they touch nothing else; there is nothing to remove when it ends.
+
+The prompt is read by the eager model; each new token is decoded through the fast path
+(:mod:`dsv2viz.fast_decode`: one fixed-shape, compiled step that records into the same buffers and applies
+built-in interventions as tensors) unless a hook other than the generation's own is in play, in which case
+that step runs through the eager model, the reference. :attr:`Generation.decode_path` says which ran.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
+from .fast_decode import FastDecoder, hooks_in_play, unavailable
 from .hooks import NameFilter, scope
 from .tokenizer import SequenceText
 from .traces.recorder import Recorder
@@ -129,9 +135,12 @@ class Generation:
             )
         value_bytes = torch.finfo(model.dtype).bits // 8
         recording.check_budget(model.config, P, N, value_bytes)  # before any work
-        self.recorder = Recorder(model, recording)
+        self.recorder = Recorder(model, recording, P, P + N)
         # every name resolved now, before any work: a bad name in the list attaches nothing
         self._hooks = model.resolve_hooks([*self.interventions, *self.recorder.hooks()])
+        self._fast_unavailable = unavailable(model, self.interventions)  # None: decode through the fast path
+        self.decode_path: str | None = None  # how the latest token was decoded: "fast", or "eager (why)"
+        self.compile_seconds: float | None = None  # when this generation compiled the fast path's step
         self.token_ids: list[int] = list(self.prompt_ids)
         self._text = SequenceText(model.tokenizer)
         self.prompt_text = self._text.append(self.prompt_ids)  # what the steps' texts continue
@@ -163,6 +172,10 @@ class Generation:
         stop_tokens = set(s.stop_tokens if s.stop_tokens is not None else self._default_stop())
         gen = torch.Generator(device="cpu").manual_seed(s.seed) if s.seed is not None else None
         cache = model.new_cache(1, capacity=len(self.prompt_ids) + s.max_new_tokens)
+        self.recorder.start(cache)
+        fast = None
+        if self._fast_unavailable is None and s.max_new_tokens:
+            fast = FastDecoder(model, self.recorder, [fn.spec for _, fn in self.interventions], cache)
         try:
             logits = self._prefill(cache)
             for index in range(s.max_new_tokens):
@@ -171,14 +184,14 @@ class Generation:
                     return
                 probs = logits.softmax(-1)
                 token = s.choose(logits, gen)
-                logits = self._forward(torch.tensor([[token]], device=model.device), cache)
+                logits = self._decode(token, cache, fast)
                 with self._lock:  # the token, its text, its distribution and its records become visible together
                     self.token_ids.append(token)
                     text = self._text.append([token])
                     if token in stop_tokens or index == s.max_new_tokens - 1:
                         text += self._text.flush()  # the last step: no later token can finish a character
                     self._keep_distribution(probs)
-                    self.recorder.commit()
+                    self.recorder.commit(cache.length)
                 yield Step(index, len(self.token_ids) - 1, token, text, float(probs[token]), self._last_record())
                 if token in stop_tokens:
                     self.finish_reason = "stop_token"
@@ -188,17 +201,22 @@ class Generation:
             if self.finish_reason is None:  # closed from outside, or an error
                 self.finish_reason = "stopped"
 
-    def _forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
-        """Next-token logits (V,) fp32 after reading `ids` (1, T), with this generation's hooks in scope.
+    def _decode(self, token: int, cache, fast: FastDecoder | None) -> torch.Tensor:
+        """Next-token logits (V,) fp32 after reading `token`: through the fast path unless other hooks are in play."""
+        if fast is not None and not hooks_in_play(self.model):
+            self.decode_path = "fast"
+            logits = fast.step(token)
+            self.compile_seconds = fast.compile_seconds
+            return logits
+        why = self._fast_unavailable or "a hook other than this generation's is attached"
+        self.decode_path = f"eager ({why})"
+        return self._forward(torch.tensor([[token]], device=self.model.device), cache)
 
-        What the recorder saw stays pending until the caller commits it, and is dropped if the pass raises.
-        """
-        try:
-            with torch.no_grad(), scope(self._hooks):
-                return self.model(ids, cache, last_only=True)[0, -1].float()
-        except BaseException:
-            self.recorder.discard()
-            raise
+    def _forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """Next-token logits (V,) fp32 after reading `ids` (1, T) through the eager model, with this generation's
+        hooks in scope. What the recorder wrote becomes part of the trace when the caller commits it."""
+        with torch.no_grad(), scope(self._hooks):
+            return self.model(ids, cache, last_only=True)[0, -1].float()
 
     def _default_stop(self) -> list[int]:
         tok = self.model.tokenizer
@@ -213,10 +231,9 @@ class Generation:
         if self.recording.attention != "none":
             chunk = max(1, min(P, SCORE_ELEMENTS_PER_CHUNK // (H * P)))
         for start in range(0, P, chunk):
-            self.recorder.want_rows = start + chunk >= P
             logits = self._forward(ids[:, start : start + chunk], cache)
         with self._lock:
-            self.recorder.commit()
+            self.recorder.commit(cache.length)
         return logits
 
     def _keep_distribution(self, probs: torch.Tensor) -> None:
@@ -229,22 +246,7 @@ class Generation:
 
     def _last_record(self) -> dict[str, torch.Tensor]:
         """The newest token's slice of each recorded quantity (small; copied to the CPU)."""
-        c, out = self.recorder.chunks, {}
-        moe = self.model.config.moe_layers
-        if self.recording.routing and moe:
-            out["experts"] = torch.stack([c[f"topk_idx.{layer}"][-1][-1] for layer in moe]).cpu()
-            out["weights"] = torch.stack([c[f"topk_weights.{layer}"][-1][-1] for layer in moe]).cpu()
-        if self.recording.latents:
-            L = self.model.config.num_hidden_layers
-            out["latent_norms"] = torch.stack([c[f"c_kv.{layer}"][-1][-1].float().norm() for layer in range(L)]).cpu()
-        if self.recording.residual_norms:
-            out["resid_norms"] = torch.stack(
-                [c[f"resid_norms.{i}"][-1][-1] for i in range(self.model.config.num_hidden_layers + 1)]
-            ).cpu()
-        for layer in self.recorder.att_layers:
-            rows = c.get(f"attention.{layer}")
-            if rows:
-                out[f"attention.{layer}"] = rows[-1][:, -1].cpu()  # (h, S)
+        out = self.recorder.record_at(len(self.token_ids) - 1)
         if self.top:
             out["top_ids"], out["top_probs"] = self.top[-1]
         return out

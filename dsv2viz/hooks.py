@@ -33,6 +33,7 @@ import contextvars
 import difflib
 import fnmatch
 import types
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Union
 
@@ -49,6 +50,11 @@ Attached = list[tuple["HookPoint", HookFn]]
 _SCOPE: contextvars.ContextVar[Mapping[HookPoint, tuple[HookFn, ...]]] = contextvars.ContextVar(
     "dsv2viz_hooks", default=types.MappingProxyType({})
 )
+
+
+#: Hook points that have functions attached model-wide (HookPoint.add), of any model: usually none, so asking
+#: whether a model has any (HookedModule.has_model_wide_hooks) costs nothing per step.
+_WITH_FNS: weakref.WeakSet[HookPoint] = weakref.WeakSet()
 
 
 #: Absolute positions of the tokens the forward pass running in this context reads (set by the model).
@@ -98,16 +104,20 @@ class HookPoint(nn.Module):
     def add(self, fn: HookFn) -> Callable[[], None]:
         """Attach `fn` to this hook point for every run; returns a function that detaches it again."""
         self._fns.append(fn)
+        _WITH_FNS.add(self)
 
         def remove() -> None:
             with contextlib.suppress(ValueError):
                 self._fns.remove(fn)
+            if not self._fns:
+                _WITH_FNS.discard(self)
 
         return remove
 
     def clear(self) -> None:
         """Detach the functions attached with :meth:`add` (scoped hooks end with their scope)."""
         self._fns.clear()
+        _WITH_FNS.discard(self)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # bypasses nn.Module.__call__: free when inactive
         scoped = _SCOPE.get().get(self, ())
@@ -218,6 +228,10 @@ class HookedModule(nn.Module):
     def hook_points(self) -> dict[str, HookPoint]:
         """All hook points by name, in forward order within each layer."""
         return self._hook_points
+
+    def has_model_wide_hooks(self) -> bool:
+        """Whether any function is attached to this model for every run (:meth:`add_hook`)."""
+        return any(self._hook_points.get(point.name) is point for point in list(_WITH_FNS))
 
     def hook_names(self, filter: NameFilter | None = None) -> list[str]:
         """Names of the hook points, all or those a glob pattern, list of names or predicate selects."""

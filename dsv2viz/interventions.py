@@ -9,13 +9,19 @@ Every index is checked against the model when the hooks are attached (each funct
 ``validate(model)``): a layer that is not an MoE layer, an expert, head or latent dimension past the
 model's count, or a negative index (which would silently count from the end) is refused with one line
 before any forward pass.
+
+Each function also carries a ``spec`` (:class:`InterventionSpec`): what it does, as data. The fast
+decoding path (dsv2viz.fast_decode) applies built-in interventions from their specs, as tensors handed to
+its compiled step, so a generation with them keeps that path (a hook function without a spec, or one
+attached somewhere other than its spec's hook point, sends the generation to the eager path).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -26,6 +32,20 @@ if TYPE_CHECKING:
 
 Hooks = list[tuple[str, Callable]]
 ExpertSpec = Mapping[int, Iterable[int]]  # layer -> experts
+
+
+@dataclass(frozen=True, eq=False)
+class InterventionSpec:
+    """What one built-in intervention hook does, as data (its function's ``spec`` attribute)."""
+
+    kind: Literal["ablate_experts", "force_experts", "ablate_heads", "patch_latent", "steer"]
+    hook: str  # the hook point it acts at
+    layer: int
+    # experts (ablated; forced, in slot order), heads, or latent dims (patch_latent; () means all of them)
+    indices: tuple[int, ...] = ()
+    positions: tuple[int, ...] | None = None  # absolute positions it acts at (None: all)
+    value: torch.Tensor | None = None  # patch_latent: the value written; steer: the vector added
+    scale: float = 1.0  # steer: added as scale x value
 
 
 def _indices(values: Iterable[int], what: str, *, ordered: bool = False) -> list[int]:
@@ -45,9 +65,12 @@ def _layer(layer: object) -> int:
     return _indices([layer], "layer")[0]
 
 
-def _hook(fn: Callable, description: str, validate: Callable[[DeepseekV2ForCausalLM], None]) -> Callable:
+def _hook(
+    fn: Callable, description: str, validate: Callable[[DeepseekV2ForCausalLM], None], spec: InterventionSpec
+) -> Callable:
     fn.description = description  # shown in a trace's metadata
     fn.validate = validate  # called when attached: indices checked before any forward pass
+    fn.spec = spec  # what it does, for the fast decoding path
     return fn
 
 
@@ -121,7 +144,9 @@ def ablate_experts(experts: ExpertSpec, *, positions: Iterable[int] | None = Non
             return probs
 
         description = f"ablate experts {banned}{_at(where)}"
-        hooks.append((f"model.layers.{layer}.mlp.gate.hook_probs", _hook(zero, description, validate)))
+        name = f"model.layers.{layer}.mlp.gate.hook_probs"
+        spec = InterventionSpec("ablate_experts", name, layer, tuple(banned), None if where is None else tuple(where))
+        hooks.append((name, _hook(zero, description, validate, spec)))
     return hooks
 
 
@@ -143,17 +168,26 @@ def force_experts(experts: ExpertSpec) -> Hooks:
                 raise ValueError(f"cannot force {len(forced)} experts at layer {layer} into top-{k} routing")
 
         def force(idx: torch.Tensor, hook: HookPoint, forced: list[int] = forced) -> torch.Tensor:  # (B, T, K)
-            k, f = idx.shape[-1], len(forced)
-            forced_t = torch.tensor(forced, device=idx.device, dtype=idx.dtype)
-            # the token's own choices minus the forced ones, still best first, fill the remaining slots
-            own_first = torch.argsort(torch.isin(idx, forced_t).to(torch.int8), dim=-1, stable=True)
-            rest = idx.gather(-1, own_first)[..., : k - f]
-            return torch.cat([forced_t.expand(*idx.shape[:-1], f), rest], dim=-1)
+            padded = forced + [-1] * (idx.shape[-1] - len(forced))
+            n = torch.tensor(len(forced), device=idx.device)
+            return forced_routing(idx, torch.tensor(padded, device=idx.device, dtype=idx.dtype), n)
 
-        hooks.append(
-            (f"model.layers.{layer}.mlp.gate.hook_topk_idx", _hook(force, f"force experts {forced}", validate))
-        )
+        name = f"model.layers.{layer}.mlp.gate.hook_topk_idx"
+        spec = InterventionSpec("force_experts", name, layer, tuple(forced))
+        hooks.append((name, _hook(force, f"force experts {forced}", validate, spec)))
     return hooks
+
+
+def forced_routing(idx: torch.Tensor, forced: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """idx (..., K) with the first `n` (a 0-d tensor) entries of `forced` (K,) in the first slots, and the
+    token's own choices, minus the forced ones and still best first, in the others. `forced` is padded
+    with -1 (never an expert) past `n`, so the shapes do not depend on how many experts are forced."""
+    K = idx.shape[-1]
+    is_forced = (idx[..., :, None] == forced).any(dim=-1)  # (..., K)
+    own_first = idx.gather(-1, torch.argsort(is_forced.to(torch.int8), dim=-1, stable=True))
+    slot = torch.arange(K, device=idx.device)
+    rest = own_first.gather(-1, (slot - n).clamp(min=0).expand_as(idx))  # slot j >= n: own choice j - n
+    return torch.where(slot < n, forced.expand_as(idx), rest)
 
 
 def ablate_heads(heads: Mapping[int, Iterable[int]], *, positions: Iterable[int] | None = None) -> Hooks:
@@ -180,7 +214,9 @@ def ablate_heads(heads: Mapping[int, Iterable[int]], *, positions: Iterable[int]
             return z
 
         description = f"ablate heads {hs}{_at(where)}"
-        hooks.append((f"model.layers.{layer}.self_attn.hook_z", _hook(zero, description, validate)))
+        name = f"model.layers.{layer}.self_attn.hook_z"
+        spec = InterventionSpec("ablate_heads", name, layer, tuple(hs), None if where is None else tuple(where))
+        hooks.append((name, _hook(zero, description, validate, spec)))
     return hooks
 
 
@@ -223,7 +259,11 @@ def patch_latent(
         return c_kv
 
     what = ("all dims" if dims is None else f"dims {sel}") + _at(where)
-    return [(f"model.layers.{layer}.self_attn.hook_c_kv", _hook(patch, f"patch latent {what}", validate))]
+    name = f"model.layers.{layer}.self_attn.hook_c_kv"
+    spec = InterventionSpec(
+        "patch_latent", name, layer, () if dims is None else tuple(sel), None if where is None else tuple(where), value
+    )
+    return [(name, _hook(patch, f"patch latent {what}", validate, spec))]
 
 
 def steer(layer: int, vector: torch.Tensor, scale: float = 1.0) -> Hooks:
@@ -244,4 +284,6 @@ def steer(layer: int, vector: torch.Tensor, scale: float = 1.0) -> Hooks:
     def add(resid: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # (B, T, D)
         return resid + scale * vector.to(device=resid.device, dtype=resid.dtype)
 
-    return [(f"model.layers.{layer}.hook_resid_post", _hook(add, f"steer by {scale:g} x vector", validate))]
+    name = f"model.layers.{layer}.hook_resid_post"
+    spec = InterventionSpec("steer", name, layer, value=vector, scale=scale)
+    return [(name, _hook(add, f"steer by {scale:g} x vector", validate, spec))]

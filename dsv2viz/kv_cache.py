@@ -7,7 +7,9 @@ are never stored; attention either decompresses them on the fly or works in late
 
 Layers write their new tokens at [length, length + T); `length` only moves when the model calls
 :meth:`LatentKVCache.advance` after every layer has run, so a forward pass that raises midway (a user's
-hook, say) leaves the cache as it was.
+hook, say) leaves the cache as it was. A generation allocates its cache at its final length up front:
+the fast decoding path (dsv2viz.fast_decode) then writes each token in place at a position given as a
+tensor and attends over the whole buffer with later positions masked, so its steps keep one shape.
 """
 
 from __future__ import annotations

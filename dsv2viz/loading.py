@@ -111,6 +111,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    compile: bool | None = None,
 ) -> DeepseekV2ForCausalLM:
     """Load the model in `path` for inference (eval mode, no gradients), with its tokenizer when present.
 
@@ -122,6 +123,11 @@ def load(
 
     Raises ConfigError, DeviceError (no such device, or too little free memory for the weights),
     TokenizerError or CheckpointError, each one line naming the file and the fix, before any weight is read.
+
+    `compile` says whether generations compile their decoding step (dsv2viz.fast_decode: the first generation
+    of a recording plan pays the compile, later ones reuse it); None: as the environment variable
+    ``DSV2VIZ_COMPILE`` says, else on a GPU only. The routed experts' weights are read into one stack per
+    layer, each expert's parameters a view into it, so they are held once.
     """
     folder = checkpoint_folder(DEMO_MODEL if path is None else path)
     device = resolve_device(device)
@@ -155,10 +161,12 @@ def load(
             "these are not DeepSeek-V2 weights, or were quantized to integers: use a float checkpoint"
         )
 
-    state = dict(ckpt.iter_tensors(device=device, dtype=dtype, progress=progress))
+    # each routed expert is copied into its layer's stack as it is read (its parameters become views of it)
+    state = dict(model.into_expert_stacks(ckpt.iter_tensors(device=device, dtype=dtype, progress=progress)))
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval().requires_grad_(False)
     model.tokenizer = tokenizer
+    model.compile_decode = compile
     return model

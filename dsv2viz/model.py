@@ -22,7 +22,11 @@ whenever a hook asks for them.
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -152,21 +156,42 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         return w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]
 
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The new tokens' queries and latent: q_nope (B, T, H, dn), roped q_pe (B, T, H, dr), normalized
+        c_kv (B, T, R) and roped k_pe (B, T, dr)."""
+        c = self.config
+        B, T, _ = x.shape
+        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, c.num_attention_heads, -1).split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin), self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+
+    def latent_scores_nope(self, q_nope: torch.Tensor, c_kv: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, S) q_nope.k_nope x scale computed in latent space: (q_nope W_UK).c_kv."""
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, self._kv_b()[0])  # (B, T, H, R)
+        return torch.einsum("bthr,bsr->bhts", q_lat, c_kv) * self.config.softmax_scale
+
+    def scores_rope(self, q_pe: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, S) q_pe.k_pe x scale."""
+        return torch.einsum("bthd,bsd->bhts", q_pe, k_pe) * self.config.softmax_scale
+
+    def latent_output(self, pattern: torch.Tensor, c_kv: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, dv) per-head output: the pattern (B, H, T, S) weights the latents, then W_UV per head."""
+        o_lat = torch.einsum("bhts,bsr->bthr", pattern, c_kv)  # (B, T, H, R)
+        return torch.einsum("bthr,hvr->bthv", o_lat, self._kv_b()[1])
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentKVCache | None
     ) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        H, dn, dr, R = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
+        H, dn, dr = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
 
-        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_pe = q.view(B, T, H, -1).split([dn, dr], dim=-1)  # (B, T, H, dn), (B, T, H, dr)
-        q_nope = self.hook_q_nope(q_nope)
-        q_pe = self.hook_q_pe(apply_rope(q_pe, cos, sin))
-
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([R, dr], dim=-1)  # (B, T, R), (B, T, dr)
-        c_kv = self.hook_c_kv(self.kv_a_layernorm(c_kv))
-        k_pe = self.hook_k_pe(apply_rope(k_pe, cos, sin))
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        q_nope, q_pe = self.hook_q_nope(q_nope), self.hook_q_pe(q_pe)
+        c_kv, k_pe = self.hook_c_kv(c_kv), self.hook_k_pe(k_pe)
         past = 0
         if cache is not None:
             past = cache.length
@@ -174,41 +199,40 @@ class MLA(nn.Module):
         S = c_kv.shape[1]
 
         impl = self.impl if self.impl != "auto" else ("absorb" if past > 0 else "naive")
-        w_uk, w_uv = self._kv_b()
         if impl == "naive" or self.hook_k_nope.active or self.hook_v.active:
             k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, dn + c.v_head_dim).split([dn, c.v_head_dim], dim=-1)
             k_nope, v = self.hook_k_nope(k_nope), self.hook_v(v)  # (B, S, H, dn), (B, S, H, dv)
 
-        scale = c.softmax_scale
-        mask = None if T == 1 else _causal_mask(T, S, past, x.device)  # (T, S) True where allowed
-        if impl == "naive" and not self._needs_scores():
+        fused = impl == "naive" and not self._needs_scores()
+        # (T, S) True where allowed; a fused kernel reading a prompt from position 0 masks by itself
+        mask = None if T == 1 or (fused and past == 0) else _causal_mask(T, S, past, x.device)
+        if fused:
             qh = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn + dr)
             kh = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, dr)], dim=-1).transpose(1, 2)
+            # values zero-padded to the query width: fused (flash) kernels need one head width, else torch
+            # falls back to its unfused math (5x slower on a CPU); the padded output columns are dropped
+            vh = F.pad(v, (0, dn + dr - c.v_head_dim)).transpose(1, 2)  # (B, H, S, dn + dr)
             z = F.scaled_dot_product_attention(
                 qh,
                 kh,
-                v.transpose(1, 2),
-                attn_mask=None if past == 0 else mask,
+                vh,
+                attn_mask=mask,
                 is_causal=past == 0 and T > 1,
-                scale=scale,
-            ).transpose(1, 2)  # (B, T, H, dv)
+                scale=c.softmax_scale,
+            ).transpose(1, 2)[..., : c.v_head_dim]  # (B, T, H, dv)
         else:
             if impl == "naive":
-                scores_nope = torch.einsum("bthd,bshd->bhts", q_nope, k_nope) * scale
+                scores_nope = torch.einsum("bthd,bshd->bhts", q_nope, k_nope) * c.softmax_scale
             else:  # fold W_UK into the query: q_nope.k_nope == (q_nope W_UK).c_kv
-                q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, R)
-                scores_nope = torch.einsum("bthr,bsr->bhts", q_lat, c_kv) * scale
+                scores_nope = self.latent_scores_nope(q_nope, c_kv)
             scores_nope = self.hook_scores_nope(scores_nope)
-            scores_rope = self.hook_scores_rope(torch.einsum("bthd,bsd->bhts", q_pe, k_pe) * scale)
+            scores_rope = self.hook_scores_rope(self.scores_rope(q_pe, k_pe))
             scores = self.hook_scores(scores_nope + scores_rope)  # (B, H, T, S)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype))
-            if impl == "naive":
-                z = torch.einsum("bhts,bshv->bthv", pattern, v)
-            else:  # weight the latents, then apply W_UV per head
-                o_lat = torch.einsum("bhts,bsr->bthr", pattern, c_kv)  # (B, T, H, R)
-                z = torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
+            naive = impl == "naive"  # else weight the latents, then apply W_UV per head
+            z = torch.einsum("bhts,bshv->bthv", pattern, v) if naive else self.latent_output(pattern, c_kv)
         z = self.hook_z(z)  # (B, T, H, dv)
         return self.hook_out(self.o_proj(z.reshape(B, T, -1)))
 
@@ -231,7 +255,11 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hook_out(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return self.hook_out(self.swiglu(x))
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP without its hook point."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Gate(nn.Module):
@@ -247,25 +275,36 @@ class Gate(nn.Module):
         self.hook_topk_weights = HookPoint("(B, T, K) fp32 weights of the chosen experts")
         self.aux_loss: torch.Tensor | None = None  # set by each forward in training mode, see balance_loss
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., E) fp32 router logits: x and the weight in fp32, whatever the model's dtype."""
+        return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        logits = self.hook_logits(F.linear(x.float(), self.weight.float()))
+        logits = self.hook_logits(self.logits(x))
         probs = self.hook_probs(logits.softmax(dim=-1))
-        if c.topk_method == "group_limited_greedy":
-            grouped = probs.unflatten(-1, (c.n_group, -1))  # (B, T, groups, E / groups)
-            best_groups = grouped.amax(dim=-1).topk(c.topk_group, dim=-1).indices
-            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(-1, best_groups, True)
-            candidates = grouped.masked_fill(~keep[..., None], 0.0).flatten(-2)
-        else:
-            candidates = probs
-        idx = self.hook_topk_idx(candidates.topk(c.num_experts_per_tok, dim=-1).indices)
+        idx = self.hook_topk_idx(top_experts(probs, c))
         self.aux_loss = balance_loss(probs, idx, c.aux_loss_alpha) if self.training and c.aux_loss_alpha > 0 else None
-        weights = probs.gather(-1, idx)
-        if c.num_experts_per_tok > 1 and c.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        else:
-            weights = weights * c.routed_scaling_factor
-        return idx, self.hook_topk_weights(weights)
+        return idx, self.hook_topk_weights(expert_weights(probs, idx, c))
+
+
+def top_experts(probs: torch.Tensor, config: DeepseekV2Config) -> torch.Tensor:
+    """(..., K) int64 the K experts of highest probability, best first (within the best groups when group-limited)."""
+    c = config
+    if c.topk_method == "group_limited_greedy":
+        grouped = probs.unflatten(-1, (c.n_group, -1))  # (B, T, groups, E / groups)
+        best_groups = grouped.amax(dim=-1).topk(c.topk_group, dim=-1).indices
+        keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(-1, best_groups, True)
+        probs = grouped.masked_fill(~keep[..., None], 0.0).flatten(-2)
+    return probs.topk(c.num_experts_per_tok, dim=-1).indices
+
+
+def expert_weights(probs: torch.Tensor, idx: torch.Tensor, config: DeepseekV2Config) -> torch.Tensor:
+    """(..., K) fp32 weights of the chosen experts: their probabilities, renormalized or scaled as configured."""
+    weights = probs.gather(-1, idx)
+    if config.num_experts_per_tok > 1 and config.norm_topk_prob:
+        return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * config.routed_scaling_factor
 
 
 def balance_loss(probs: torch.Tensor, idx: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -285,7 +324,15 @@ def balance_loss(probs: torch.Tensor, idx: torch.Tensor, alpha: float) -> torch.
 
 
 class MoE(nn.Module):
-    """DeepSeekMoE: each token goes to K of E routed experts, weighted by the router, plus shared experts."""
+    """DeepSeekMoE: each token goes to K of E routed experts, weighted by the router, plus shared experts.
+
+    The routed experts run as two grouped GEMMs over the (token, slot) pairs sorted by expert
+    (:func:`grouped_experts`), reading each chosen expert's weights once and with no host synchronisation.
+    Their weights are stacked (:meth:`stacked_experts`; each expert's parameters are views into the stack,
+    so they are held once). One expert at a time, through each expert's own module, runs only when a
+    per-expert hook point (``experts.{e}.hook_out``) is active, when gradients flow into the weights or
+    the input, or where the device cannot run grouped GEMMs in this dtype.
+    """
 
     def __init__(self, config: DeepseekV2Config) -> None:
         super().__init__()
@@ -298,28 +345,148 @@ class MoE(nn.Module):
             self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
         self.hook_routed_out = HookPoint("(B, T, D) weighted sum of the chosen experts")
         self.hook_out = HookPoint("(B, T, D) routed + shared")
+        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None  # (w13, w2), see stacked_experts
+        self._stack_ptrs: list[int] = []  # where each expert parameter must point while the stack is current
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         idx, weights = self.gate(x)  # (B, T, K) each
-        K = idx.shape[-1]
-        flat_x = x.reshape(-1, D)
-        flat_idx, flat_w = idx.reshape(-1), weights.reshape(-1)
-        order = flat_idx.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
-        routed = torch.zeros(B * T, D, dtype=torch.float32, device=x.device)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            pairs = order[start : start + n]
-            start += n
-            tokens = pairs // K  # (N,)
-            out = self.experts[e](flat_x[tokens])  # (N, D)
-            routed.index_add_(0, tokens, out.float() * flat_w[pairs, None])
+        if self._one_expert_at_a_time(x):
+            experts: SortedExperts = self._each_expert
+        else:
+            w13, w2 = self.stacked_experts()
+            experts = functools.partial(grouped_experts, w13=w13, w2=w2)
+        routed = routed_sum(x.reshape(-1, D), idx.reshape(B * T, -1), weights.reshape(B * T, -1), experts)
         routed = self.hook_routed_out(routed.view(B, T, D).to(x.dtype))
         shared = self.shared_experts(x) if self.config.n_shared_experts else 0
         return self.hook_out(routed + shared)
+
+    def _one_expert_at_a_time(self, x: torch.Tensor) -> bool:
+        if self.experts[0].gate_proj.weight.requires_grad or (torch.is_grad_enabled() and x.requires_grad):
+            return True  # autograd through each expert's own parameters; training keeps its parameter objects
+        if not grouped_mm_supported(x, self.config.hidden_size, self.config.moe_intermediate_size):
+            return True
+        return any(expert.hook_out.active for expert in self.experts)
+
+    def _each_expert(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of x (N, D) sorted by expert, each group through its expert's own module (and hook point)."""
+        counts = torch.bincount(expert_ids, minlength=len(self.experts)).tolist()
+        return torch.cat([self.experts[e](rows) for e, rows in enumerate(x.split(counts)) if len(rows)])
+
+    def stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routed experts' weights stacked: w13 (E, 2I, D), gate_proj then up_proj rows, and w2 (E, D, I).
+
+        Each expert's ``gate_proj``/``up_proj``/``down_proj`` weight is a view into these, so the experts are
+        held once and an in-place edit of one expert's weight is seen by both. ``dsv2viz.load`` reads the
+        checkpoint's experts straight into the stacks. When the parameters no longer point into the stack
+        (a model built in code, moved with ``.to()``, or a weight replaced), they are restacked here, one
+        layer at a time, which replaces the expert parameter objects.
+        """
+        if not self._stack_is_current():
+            with _STACK_LOCK:
+                if not self._stack_is_current():
+                    self._restack()
+        assert self._stack is not None
+        return self._stack
+
+    def stack_view(self, expert: int, proj: str, like: torch.Tensor) -> torch.Tensor:
+        """The view of the stack that holds `expert`'s `proj` ("gate_proj", "up_proj" or "down_proj") weight,
+        allocating the stack (on `like`'s device and dtype) if there is none of that kind yet."""
+        if self._stack is None or (self._stack[0].dtype, self._stack[0].device) != (like.dtype, like.device):
+            c = self.config
+            E, inter, dim = c.n_routed_experts, c.moe_intermediate_size, c.hidden_size
+            kind = dict(dtype=like.dtype, device=like.device)
+            self._set_stack(torch.empty(E, 2 * inter, dim, **kind), torch.empty(E, dim, inter, **kind))
+        return self._views(expert)[("gate_proj", "up_proj", "down_proj").index(proj)]
+
+    def _views(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w13, w2 = self._stack
+        inter = w13.shape[1] // 2
+        return w13[e, :inter], w13[e, inter:], w2[e]
+
+    def _set_stack(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        self._stack = (w13, w2)
+        self._stack_ptrs = [v.data_ptr() for e in range(len(self.experts)) for v in self._views(e)]
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), to_empty(): the parameters get new storage
+        self._stack, self._stack_ptrs = None, []
+        return super()._apply(fn, recurse)
+
+    def _expert_weights(self) -> list[torch.Tensor]:
+        return [p for e in self.experts for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
+
+    def _stack_is_current(self) -> bool:
+        return self._stack is not None and [p.data_ptr() for p in self._expert_weights()] == self._stack_ptrs
+
+    @torch.no_grad()
+    def _restack(self) -> None:
+        first = self.experts[0].gate_proj.weight
+        (inter, dim), E = first.shape, len(self.experts)
+        w13 = torch.empty(E, 2 * inter, dim, dtype=first.dtype, device=first.device)
+        w2 = torch.empty(E, dim, inter, dtype=first.dtype, device=first.device)
+        self._set_stack(w13, w2)
+        for e, expert in enumerate(self.experts):  # the old tensors are freed expert by expert
+            for linear, view in zip((expert.gate_proj, expert.up_proj, expert.down_proj), self._views(e)):
+                view.copy_(linear.weight)
+                linear.weight = nn.Parameter(view, requires_grad=linear.weight.requires_grad)
+
+
+#: Applies each row of x (N, D), sorted by expert, to its expert (expert ids (N,), sorted): (N, D).
+SortedExperts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def routed_sum(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: SortedExperts) -> torch.Tensor:
+    """(N, D) fp32: for each row of x (N, D), the sum over its K chosen experts idx (N, K) of weight x expert(row).
+
+    The (row, slot) pairs are sorted by expert (stably, so rows keep their order within an expert) and
+    handed to `experts` in that order; the weighted outputs are added back in the same order.
+    """
+    order = idx.reshape(-1).argsort(stable=True)  # (N*K,)
+    tokens = order // idx.shape[-1]
+    out = experts(x[tokens], idx.reshape(-1)[order])  # (N*K, D)
+    routed = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    return routed.index_add_(0, tokens, out.float() * weights.reshape(-1)[order, None])
+
+
+#: Restacking replaces parameters: two threads reaching the same layer first must not both do it.
+_STACK_LOCK = threading.Lock()
+
+
+def grouped_mm_supported(x: torch.Tensor, hidden: int, inter: int) -> bool:
+    """Whether torch's grouped GEMM runs for these experts here: any float dtype on CPU; on CUDA bf16 on
+    compute capability 8.0+ with 16-byte aligned rows (widths a multiple of 8)."""
+    if x.device.type == "cpu":
+        return True
+    return (
+        x.device.type == "cuda"
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        and hidden % 8 == 0
+        and inter % 8 == 0
+    )
+
+
+def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of each row of x (N, D) through its own expert, rows sorted by expert_ids (N,): (N, D).
+
+    Two grouped GEMMs (gate and up fused, then down) over the stacked weights (see
+    :meth:`MoE.stacked_experts`); group boundaries come from a search of the sorted ids, on the device. On a
+    CPU, fewer rows than experts (a decoding step) go expert by expert instead: torch's CPU grouped GEMM
+    visits every expert, used or not, and reading the ids costs no device synchronisation there.
+    """
+    E, inter = w13.shape[0], w13.shape[1] // 2
+    if x.device.type == "cpu" and x.shape[0] < E:
+        ids, counts = expert_ids.unique_consecutive(return_counts=True)
+        outs = [_swiglu(rows, w13[e], w2[e], inter) for e, rows in zip(ids.tolist(), x.split(counts.tolist()))]
+        return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
+    offs = torch.searchsorted(expert_ids, torch.arange(E, device=x.device), right=True).to(torch.int32)  # (E,)
+    gate, up = F.grouped_mm(x, w13.transpose(1, 2), offs=offs).split(inter, dim=-1)  # (N, I) each
+    return F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+
+
+def _swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, inter: int) -> torch.Tensor:
+    gate, up = F.linear(x, w13).split(inter, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
 
 
 class Block(nn.Module):
@@ -344,6 +511,10 @@ class Block(nn.Module):
         x = self.hook_resid_pre(x)
         x = self.hook_resid_mid(x + self.self_attn(self.input_layernorm(x), cos, sin, cache))
         return self.hook_resid_post(x + self.mlp(self.post_attention_layernorm(x)))
+
+
+#: A routed expert's weight in the checkpoint: layer, expert, projection.
+_EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
 
 class NonFiniteError(FloatingPointError):
@@ -391,16 +562,22 @@ class DeepseekV2Model(nn.Module):
             x = self.hook_embed(self.embed_tokens(input_ids))
             for block in self.layers:
                 x = block(x, cos, sin, cache)
-                finite.append(torch.isfinite(x).all())
+                finite.append(all_finite(x))
         if last_only:
             x = x[:, -1:]
         with reading_positions(*_output_positions(past, T, last_only)):
             x = self.hook_norm_out(self.norm(x))
-        if not bool(torch.isfinite(x).all()):
+        if not bool(all_finite(x)):
             raise NonFiniteError(_non_finite_message(torch.stack(finite).tolist()))
         if cache is not None:
             cache.advance(T)
         return x
+
+
+def all_finite(x: torch.Tensor) -> torch.Tensor:
+    """0-d bool on x's device: no NaN or infinity in x. Its smallest and largest values carry both (NaN
+    propagates through min and max), and one reduction is many times faster than isfinite(x).all()."""
+    return torch.isfinite(torch.stack(torch.aminmax(x))).all()
 
 
 def _output_positions(past: int, T: int, last_only: bool) -> tuple[int, int]:
@@ -429,6 +606,8 @@ class DeepseekV2ForCausalLM(HookedModule):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.hook_logits = HookPoint("(B, T, V)")
         self.tokenizer: Tokenizer | None = None  # set by dsv2viz.load when the folder has one
+        # whether generations compile their decoding step (dsv2viz.fast_decode); None: DSV2VIZ_COMPILE, else GPU only
+        self.compile_decode: bool | None = None
         self.setup_hook_names()
 
     @property
@@ -456,6 +635,26 @@ class DeepseekV2ForCausalLM(HookedModule):
             b.mlp.gate.aux_loss for b in self.model.layers if isinstance(b.mlp, MoE) and b.mlp.gate.aux_loss is not None
         ]
         return torch.stack(losses).sum() if losses else None
+
+    def stack_experts(self) -> None:
+        """Stack every MoE layer's expert weights now, if they are not (see :meth:`MoE.stacked_experts`)."""
+        for block in self.model.layers:
+            if isinstance(block.mlp, MoE):
+                block.mlp.stacked_experts()
+
+    def into_expert_stacks(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Pass a checkpoint's (key, tensor) pairs through, copying each routed expert weight into its layer's
+        stack as it arrives and yielding the stack's view in its place, so the loaded tensor is freed at once
+        and the experts are never held twice. Load the result with ``load_state_dict(..., assign=True)``."""
+        for key, tensor in items:
+            m = _EXPERT_KEY.fullmatch(key)
+            mlp = self.model.layers[int(m[1])].mlp if m and int(m[1]) < len(self.model.layers) else None
+            if not isinstance(mlp, MoE) or int(m[2]) >= len(mlp.experts):
+                yield key, tensor
+                continue
+            with torch.no_grad():
+                view = mlp.stack_view(int(m[2]), m[3], like=tensor)
+                yield key, view.copy_(tensor)
 
     def set_attention_impl(self, impl: AttentionImpl) -> None:
         """Choose the attention path for every layer: "auto" (default), "naive" or "absorb"."""

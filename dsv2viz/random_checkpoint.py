@@ -101,6 +101,11 @@ def check_random_checkpoint_folder(folder: Path, config: DeepseekV2Config) -> No
         )
 
 
+def _alone(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy when it is a view into a larger tensor (stacked experts): safetensors stores no shared memory."""
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
+
+
 def write_checkpoint(
     folder: str | os.PathLike,
     model: DeepseekV2ForCausalLM,
@@ -116,7 +121,7 @@ def write_checkpoint(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: _alone(v.detach().to(dtype).contiguous()) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     atomic_write(folder / "config.json", json.dumps(_config_json(model.config, config_extra), indent=2) + "\n")

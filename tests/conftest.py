@@ -16,6 +16,10 @@ import torch
 
 torch.set_num_threads(1)
 
+# Generations decode through the fast path uncompiled in tests (compiling costs tens of seconds on a small
+# machine); tests/test_fast_path.py compiles it on purpose. Subprocesses (the CLI, notebook kernels) inherit this.
+os.environ.setdefault("DSV2VIZ_COMPILE", "0")
+
 #: A tiny config in transformers' spelling; tests override fields. Rope dims interleave, the latent is
 #: narrower than the heads it feeds, and YaRN is on with a short original context (64), so prompts of a
 #: hundred tokens run past it.
