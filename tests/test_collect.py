@@ -172,8 +172,9 @@ def test_a_documents_routing_does_not_depend_on_its_batch(model):
     """One document routed alone and as the shortest of a batch of documents of other lengths (right-padded).
 
     Expert choices must be identical; weights agree to fp32 rounding (BLAS picks kernels by matrix shape,
-    so bit equality across batch shapes is not on offer). A pad token that leaked into the document's
-    attention would change its hidden states by far more than that.
+    and the grouped expert GEMMs group more rows per expert in a batch, so bit equality across batch
+    shapes is not on offer: differences of about 1e-6 relative were seen). A pad token that leaked into
+    the document's attention would change its hidden states by far more than that.
     """
     runner = ShardRunner(model, [], CollectSettings(batch_tokens=1 << 20), Path("unused"))
     docs = [dsv2viz.corpus.documents.Document(i, f"d{i}", t) for i, t in enumerate(texts())]
@@ -187,7 +188,7 @@ def test_a_documents_routing_does_not_depend_on_its_batch(model):
         assert np.array_equal(batched["experts"][mine], alone["experts"])
         assert np.array_equal(batched["near_tie"][mine], alone["near_tie"])
         assert np.array_equal(batched["kth_expert"][mine], alone["kth_expert"])
-        np.testing.assert_allclose(batched["weights"][mine], alone["weights"], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(batched["weights"][mine], alone["weights"], atol=1e-5, rtol=0)
         np.testing.assert_allclose(batched["entropy"][mine], alone["entropy"], atol=1e-5, rtol=0)
 
 
