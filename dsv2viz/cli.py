@@ -3,7 +3,9 @@
     dsv2viz info PATH                       what a checkpoint holds: config, parameters, shards, KV-cache bytes per token
     dsv2viz generate [--model PATH] --prompt TEXT [--trace DIR] [--report FILE]
                                             stream a generation, record its trace, write its HTML report
-    dsv2viz report TRACE_DIR -o FILE        the HTML report of a saved trace
+    dsv2viz report TRACE_DIR -o FILE [--model PATH [--attribution-positions 3,7]]
+                                            the HTML report of a saved trace (the model adds the logit lens and
+                                            the direct logit attribution of the last token and of those positions)
     dsv2viz demo [--out DIR]                write a small random-weight checkpoint and stream a generation with its routing
     dsv2viz collect [--model PATH] --input FILES... --out DIR [--ray]
                                             routing of a whole corpus: per-token Parquet rows and merged statistics
@@ -149,14 +151,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .html_report import check_report_path, report
+    from .html_report import check_attribution_positions, check_report_path, report
     from .loading import load
     from .traces import Trace
 
     check_report_path(args.output)  # before the trace and the model are read
     trace = Trace.load(args.trace)
+    positions = args.attribution_positions or []
+    check_attribution_positions(trace, positions, model_given=bool(args.model))  # before the model is loaded
     model = load(args.model, progress=False) if args.model else None
-    print(f"report written to {visible_controls(str(report(trace, args.output, model=model)))}")
+    path = report(trace, args.output, model=model, attribution_positions=positions)
+    print(f"report written to {visible_controls(str(path))}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -283,6 +288,16 @@ def _indices(text: str) -> list[int]:
     return values
 
 
+def _positions(text: str) -> list[int]:
+    """An argparse type: comma-separated positions, negative ones counted from the end, e.g. '3,7,-1'."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers such as 3,7,-1, got {text!r}"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dsv2viz", description="Look inside DeepSeek-V2: latent attention and experts.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,7 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write the HTML report of a saved trace")
     rep.add_argument("trace", help="a folder written by --trace or Trace.save")
     rep.add_argument("-o", "--output", required=True, help="the .html file to write")
-    rep.add_argument("--model", help="checkpoint folder, to add the logit lens")
+    rep.add_argument(
+        "--model", help="the checkpoint folder that recorded the trace: adds the logit lens and the attribution"
+    )
+    rep.add_argument(
+        "--attribution-positions",
+        type=_positions,
+        metavar="P,Q",
+        help="also attribute the token after each of these positions (negative: from the end); needs --model",
+    )
     rep.set_defaults(run=cmd_report)
     demo = sub.add_parser("demo", help="write a random-weight checkpoint and show its routing")
     demo.add_argument(

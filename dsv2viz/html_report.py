@@ -2,13 +2,16 @@
 
 The file embeds plotly.js once (nothing is fetched from a CDN: it opens offline, from an e-mail or a
 laptop on a plane) and shows each view the trace's recording allows; a view whose data was not
-recorded says which ``Recording`` setting would have recorded it. All token text is escaped.
+recorded says which ``Recording`` setting would have recorded it. The views that rerun the model (the
+logit lens, direct logit attribution) are drawn when the model is given, else a note says to pass it.
+All token text is escaped.
 """
 
 from __future__ import annotations
 
 import html
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +19,9 @@ from typing import TYPE_CHECKING
 import plotly.graph_objects as go
 
 from . import analysis, plots
+from .analysis._common import sequence_positions
 from .files import atomic_write
+from .text import visible
 from .traces import Trace
 from .traces.trace import is_trace_folder
 
@@ -31,6 +36,14 @@ class Section:
     figure: go.Figure | None = None
     missing: str | None = None  # what to record to get this view
     view: str | None = None  # the trace view it draws (``Trace.missing``'s names); None: needs no recording
+    needs_model: bool = False  # a view that reruns the model, shown as a note because none was given
+
+
+#: The note standing where a view that reruns the model would be.
+NEEDS_MODEL = (
+    "Not computed: this view reruns the model over the trace's tokens; pass the model "
+    "(<code>dsv2viz.report(trace, path, model=model)</code>, or <code>dsv2viz report TRACE -o FILE --model PATH</code>)."
+)
 
 
 def _not_recorded(trace: Trace, title: str, view: str) -> Section:
@@ -39,15 +52,24 @@ def _not_recorded(trace: Trace, title: str, view: str) -> Section:
 
 
 def report(
-    trace: Trace, path: str | os.PathLike, *, model: DeepseekV2ForCausalLM | None = None, title: str | None = None
+    trace: Trace,
+    path: str | os.PathLike,
+    *,
+    model: DeepseekV2ForCausalLM | None = None,
+    title: str | None = None,
+    attribution_positions: Sequence[int] = (),
 ) -> Path:
-    """Write the report of `trace` to `path` (an .html file); `model` adds the logit lens. Returns the path.
+    """Write the report of `trace` to `path` (an .html file). Returns the path.
 
-    The file is written whole or not at all (an existing report is replaced only once the new one is
-    complete); a path inside a trace folder is refused (see :func:`check_report_path`).
+    `model` (the one that recorded the trace) adds the views that rerun it: the logit lens, and the direct
+    logit attribution of the last generated token and of each of `attribution_positions` (positions whose
+    next token is explained; negative ones count from the end). The file is written whole or not at all
+    (an existing report is replaced only once the new one is complete); a path inside a trace folder, a
+    position outside the trace, or positions without a model are refused before any work.
     """
     path = check_report_path(path)
-    sections = build_sections(trace, model)
+    positions = check_attribution_positions(trace, attribution_positions, model_given=model is not None)
+    sections = build_sections(trace, model, positions)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, render(trace, sections, title or "dsv2viz trace report"))
 
@@ -66,8 +88,30 @@ def check_report_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def build_sections(trace: Trace, model: DeepseekV2ForCausalLM | None) -> list[Section]:
-    """Every view the trace supports, in reading order; a view it did not record is a note saying how to."""
+def check_attribution_positions(trace: Trace, positions: Sequence[int], *, model_given: bool) -> list[int]:
+    """`positions` as positions of `trace` (negative ones counted from the end), or a one-line ValueError
+    (positions outside the trace, or positions without a model): callers check them before any work."""
+    positions = list(positions)
+    if not positions:
+        return []
+    if not model_given:
+        raise ValueError("attribution positions need the model, which attribution reruns: pass model= (--model PATH)")
+    return sequence_positions(positions, len(trace))
+
+
+def last_generated_position(trace: Trace) -> int:
+    """The position whose next token is the trace's last generated token (the last position when nothing
+    was generated: then its likeliest next token is explained)."""
+    return len(trace) - 2 if len(trace) > trace.prompt_len and len(trace) >= 2 else len(trace) - 1
+
+
+def build_sections(
+    trace: Trace, model: DeepseekV2ForCausalLM | None, attribution_positions: Sequence[int] = ()
+) -> list[Section]:
+    """Every view the trace supports, in reading order; a view it did not record is a note saying how to,
+    and so is a view that needs the model when none is given."""
+    if model is not None and model.config != trace.config:
+        raise ValueError("this trace was recorded with a model of another configuration; pass that model")
     out: list[Section] = []
     if trace.moe_layers:
         out += _routing_sections(trace) if trace.has("routing") else [_not_recorded(trace, "Routing", "routing")]
@@ -98,13 +142,44 @@ def build_sections(trace: Trace, model: DeepseekV2ForCausalLM | None) -> list[Se
             plots.kv_cache_memory(trace.config),
         )
     )
-    if model is not None:
-        frame = analysis.logit_lens(model, trace)
+    if model is None:
+        out += [
+            Section("Logit lens", "", needs_model=True),
+            Section("Direct logit attribution", "", needs_model=True),
+        ]
+        return out
+    frame = analysis.logit_lens(model, trace)
+    out.append(
+        Section(
+            "Logit lens",
+            "The next-token guess read off the residual stream after each layer.",
+            plots.logit_lens(frame, trace.token_texts, trace.token_ids.tolist()),
+        )
+    )
+    return out + _attribution_sections(trace, model, attribution_positions)
+
+
+def _attribution_sections(trace: Trace, model: DeepseekV2ForCausalLM, positions: Sequence[int]) -> list[Section]:
+    """Direct logit attribution of the last generated token, then of each position asked for (one forward pass)."""
+    last = last_generated_position(trace)
+    wanted = list(dict.fromkeys([last, *positions]))
+    rerun = (
+        " It reruns the model as it is, without this trace's interventions." if trace.meta.get("interventions") else ""
+    )
+    out = []
+    for attr in analysis.logit_attributions(model, trace, wanted):
+        p, target = attr.position, visible(attr.target_text)
+        if p == len(trace) - 1:
+            which = "the token the model finds likeliest next (not generated)"
+        else:
+            which = "the last generated token" if p == last else "the next token"
         out.append(
             Section(
-                "Logit lens",
-                "The next-token guess read off the residual stream after each layer.",
-                plots.logit_lens(frame, trace.token_texts, trace.token_ids.tolist()),
+                f"Direct logit attribution: what wrote “{target}” after position {p}",
+                f"Which heads, routed experts, shared experts and dense MLPs wrote the logit of {which}, “{target}”, "
+                f"after reading “{visible(attr.token_text)}”: each part's output read through lm_head with the final "
+                f"norm's scale frozen; the {len(attr.frame)} parts sum to the model's own logit {attr.logit:.4f}.{rerun}",
+                plots.logit_attribution(attr),
             )
         )
     return out
@@ -150,6 +225,25 @@ def _routing_sections(trace: Trace) -> list[Section]:
             plots.top_tokens_per_expert(analysis.top_tokens_per_expert(trace, mid)),
         ),
     ]
+    paths = analysis.routing_paths(trace)
+    if len(moe) > 1:
+        out.append(
+            Section(
+                "Routing paths across layers",
+                "The largest flows of tokens from one MoE layer's first expert to the next layer's: whether tokens "
+                "keep to a family of experts through depth.",
+                plots.routing_sankey(paths),
+            )
+        )
+    if paths.pairs:
+        out.append(
+            Section(
+                "Same expert as the previous token",
+                "Per layer, how often a token's first expert is the previous token's, against two independent "
+                "tokens routed like this layer's: above chance, routing follows the text locally.",
+                plots.same_expert_rate(paths),
+            )
+        )
     for section in out:
         section.view = "routing"
     return out
@@ -201,6 +295,8 @@ def render(trace: Trace, sections: list[Section], title: str) -> str:
                 s.figure.to_html(full_html=False, include_plotlyjs=not js_included, config={"displaylogo": False})
             )
             js_included = True
+        elif s.needs_model:
+            body.append(f'<p class="missing">{NEEDS_MODEL}</p>')
         else:
             body.append(
                 f'<p class="missing">Not recorded: record it with <code>{html.escape(s.missing or "")}</code>.</p>'

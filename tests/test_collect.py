@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import sysconfig
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,41 @@ def rows_equal(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     )
 
 
+def hand_paths(rows: pd.DataFrame, layers: list[int], top: int) -> dict:
+    """Routing paths recounted token by token from the rows, document by document (independent of RoutingPaths)."""
+    transitions, repeats, counts, pairs, tokens = Counter(), Counter(), Counter(), 0, 0
+    for _, doc in rows.groupby("doc_index"):
+        chosen = {}  # (position, layer) -> the token's first `top` experts
+        for position, layer, experts in zip(doc["position"], doc["layer"], doc["experts"]):
+            chosen[(int(position), int(layer))] = set(experts[:top].tolist())
+        n = int(doc["position"].max()) + 1
+        assert len(chosen) == n * len(layers)
+        for p in range(n):
+            for m, layer in enumerate(layers):
+                counts.update((m, e) for e in chosen[(p, layer)])
+                if p > 0:
+                    repeats[m] += len(chosen[(p, layer)] & chosen[(p - 1, layer)])
+                if m + 1 < len(layers):
+                    transitions.update((m, i, j) for i in chosen[(p, layer)] for j in chosen[(p, layers[m + 1])])
+        pairs += n - 1
+        tokens += n
+    repeats = {m: n for m, n in repeats.items() if n}
+    return {"transitions": transitions, "repeats": repeats, "counts": counts, "pairs": pairs, "tokens": tokens}
+
+
+def as_counts(paths) -> dict:
+    """A RoutingPaths in hand_paths's form."""
+    nonzero = lambda t: {k: int(v) for k, v in np.ndenumerate(t.numpy()) if v}  # noqa: E731
+    repeats = {k[0]: v for k, v in nonzero(paths.repeats).items()}
+    return {
+        "transitions": nonzero(paths.transitions),
+        "repeats": repeats,
+        "counts": nonzero(paths.counts),
+        "pairs": paths.pairs,
+        "tokens": paths.tokens,
+    }
+
+
 def test_bad_documents_are_reported_and_skipped_never_truncated(model, corpus_files, tmp_path, capsys):
     corpus = collect(
         corpus_files, tmp_path / "out", model=model, docs_per_shard=1, max_tokens=2048
@@ -141,12 +177,23 @@ def test_statistics_equal_a_recount_of_the_rows(model, corpus_files, tmp_path):
     recount = slots.groupby(["layer", slots["token_id"], slots["experts"].astype(int)]).size()
     te = stats.token_experts.set_index(["layer", "token_id", "expert"])["count"]
     assert dict(recount) == dict(te)
+    # routing paths, for the first expert and all K: transitions, neighbours' shared experts, marginals
+    K = cfg.num_experts_per_tok
+    assert sorted(stats.paths) == [1, K]
+    for top in (1, K):
+        recounted = hand_paths(rows, layers, top)
+        assert recounted["pairs"] == stats.tokens - stats.documents and recounted["transitions"]
+        assert as_counts(stats.paths[top]) == recounted
+        assert analysis.routing_paths(corpus, top=top) is stats.paths[top]  # read, not recounted from the rows
+    assert torch.equal(stats.paths[K].counts, stats.counts)  # all K experts: the tokens per expert
     # the per-shard statistics merge to the same numbers as one shard holding everything
     whole = collect(corpus_files, tmp_path / "whole", model=model, docs_per_shard=100, progress=False).stats
+    assert len(list((tmp_path / "whole" / "shards").glob("*.json"))) == 1  # one shard: nothing merged
     for name in ("counts", "coactivation", "entropy_hist", "near_ties"):
         assert torch.equal(getattr(whole, name), getattr(stats, name)), name
     assert torch.allclose(whole.entropy_sum, stats.entropy_sum, rtol=1e-6)
     assert whole.token_experts.drop(columns="token").equals(stats.token_experts.drop(columns="token"))
+    assert whole.paths == stats.paths
 
 
 def test_near_tie_flags_follow_the_bf16_rule(model, corpus_files, tmp_path):
@@ -228,6 +275,9 @@ def test_in_process_and_two_ray_workers_give_identical_output(corpus_files, tmp_
     on_ray = collect(corpus_files, tmp_path / "ray", docs_per_shard=2, ray=True, workers=2, progress=False)
     assert on_ray.manifest["totals"] == local.manifest["totals"] and local.manifest["totals"]["documents"] == 8
     assert on_ray.stats == local.stats  # counts, co-activation, token-expert counts, float sums: all bit-equal
+    K = local.config.num_experts_per_tok
+    assert sorted(on_ray.stats.paths) == [1, K] and on_ray.stats.paths == local.stats.paths  # routing paths too
+    assert on_ray.stats.paths[K].transitions.sum() > 0
     assert rows_equal(on_ray.rows(), local.rows())
     assert on_ray.skipped().equals(local.skipped())
 
@@ -334,6 +384,7 @@ def test_a_selection_of_documents_has_the_statistics_of_collecting_them_alone(mo
         assert torch.equal(getattr(part.stats, name), getattr(alone.stats, name)), name
     assert torch.allclose(part.stats.entropy_sum, alone.stats.entropy_sum, rtol=1e-6)
     assert part.stats.token_experts.equals(alone.stats.token_experts)
+    assert part.stats.paths == alone.stats.paths  # documents 1, 3, 6 never pair across the gaps between them
     assert torch.equal(analysis.expert_utilization(part).counts, analysis.expert_utilization(alone).counts)
     assert set(part.rows(["doc_index"])["doc_index"]) == set(chosen["doc_index"])
     assert list(part.documents()["doc_id"]) == ["doc1", "doc3", "p1"]
@@ -397,3 +448,33 @@ def test_rerunning_a_finished_collection_rewrites_nothing(model, small_corpus, t
     again = collect(small_corpus, out, model=model, progress=False)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
     assert again.manifest["complete"] and again.stats == Corpus.open(out).stats
+
+
+def test_a_collection_written_before_routing_paths_opens_and_says_how_to_get_them(model, small_corpus, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "old"
+    collect(small_corpus, out, model=model, progress=False)
+    for path in [out / "stats.safetensors", *(out / "shards").glob("*.safetensors")]:  # as version 2 wrote them
+        with safe_open(path, "pt") as f:
+            meta = {k: v for k, v in f.metadata().items() if not k.startswith("paths.")}
+        save_file({k: v for k, v in load_file(path).items() if not k.startswith("paths.")}, path, metadata=meta)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+
+    old = Corpus.open(out)
+    assert old.stats.paths is None and old.tokens > 0
+    assert torch.equal(analysis.expert_utilization(old).counts, old.stats.counts)  # the rest works as before
+    with pytest.raises(
+        ValueError,
+        match=rf"^{out} was collected by an older dsv2viz that did not count routing "
+        "paths; run the same dsv2viz collect command again with a new --out folder to get them$",
+    ):
+        analysis.routing_paths(old)
+    with pytest.raises(CollectError, match=r"collected by another version of dsv2viz .*collect into a new folder"):
+        collect(small_corpus, out, model=model, progress=False)  # its shards cannot be merged with new ones
+    new = collect(small_corpus, tmp_path / "new", model=model, progress=False)
+    assert as_counts(analysis.routing_paths(new)) == hand_paths(new.rows(), new.moe_layers, 1)
+    with pytest.raises(ValueError, match=r"a collection counts routing paths for top=1 and top=2; top=3 is not"):
+        analysis.routing_paths(new, top=3)

@@ -7,6 +7,7 @@ import html
 import json
 import math
 import re
+import threading
 import time
 
 import numpy as np
@@ -103,6 +104,13 @@ def test_markup_tokens_are_escaped(dash):
     assert "&lt;img src=x onerror=alert(1)&gt;" in strip
     dash.inspect.value = len(PROMPT)
     assert "&lt;img src=x onerror=alert(1)&gt;" in dash.candidates.value and "<img" not in dash.candidates.value
+    dash.wait_attribution(30)  # the selection's attribution: every label and the progress line escaped
+    shown = dash.attribution_figure.to_json() + dash.attribution_status.value
+    read, target = dash.trace.token_texts[len(PROMPT)], dash.trace.token_texts[len(PROMPT) + 1]
+    assert read.startswith("<") and target.startswith("<")  # both markup (MarkupTokenizer)
+    assert "<img" not in shown and "<b>" not in shown
+    assert f"after “{html.escape(read)}”" in dash.attribution_figure.layout.title.text
+    assert f"what wrote {html.escape(target)}" in dash.attribution_status.value
 
 
 def test_intervention_changes_routing_at_its_layer(dash):
@@ -250,4 +258,115 @@ def test_strip_sends_only_the_piece_that_grew(widget_messages):
     assert sent == [{"value": "".join(spans[2 * STRIP_CHUNK :])}]  # the last piece alone, not the whole strip
     assert strip.value == "".join(spans)
     strip.show(spans[:3])  # a new run: one piece left
-    assert strip.value == "".join(spans[:3]) and len(strip.children) == 2  # its style and one piece
+    assert strip.value == "".join(spans[:3]) and len(strip.children) == 1
+
+
+# ----- selecting a token: the strip, "inspect pos" and the attribution panel --------------------------------
+def click(dash: GenerationDashboard, position: int) -> None:
+    """What the strip's JavaScript sends when a token is clicked: a custom message from its piece."""
+    piece = dash.strip.children[position // STRIP_CHUNK]
+    piece._handle_msg({"content": {"data": {"method": "custom", "content": {"select": position}}}, "buffers": []})
+
+
+def own_logit(model, trace, position: int, target: int) -> float:
+    """The model's logit of `target` after `position`, from a plain forward pass over the trace's tokens."""
+    with torch.no_grad():
+        return float(model(trace.token_ids[None])[0, position, target])
+
+
+def test_clicking_a_token_selects_it_and_shows_what_wrote_the_next_token(dash):
+    dash.run(PROMPT)
+    trace, p = dash.trace, len(PROMPT) + 3
+    assert dash.attribution_panel.children == (dash.attribution_panel.note,)  # nothing selected yet
+    statuses: list[str] = []
+    dash.attribution_status.observe(lambda change: statuses.append(change["new"]), names="value")
+    click(dash, p)
+    assert dash.inspect.value == p and dash.strip.selected == p and dash.strip.children[0].selected == p
+    dash.wait_attribution(30)
+    assert dash.attribution_panel.children == (dash.attribution_figure,)
+    fig = dash.attribution_figure
+    target = int(trace.token_ids[p + 1])  # the token that came next
+    assert (
+        fig.layout.title.text
+        == plots.logit_attribution(analysis.logit_attribution(dash.model, trace, p)).layout.title.text
+    )
+    assert f"(position {p})" in fig.layout.title.text and html.escape(trace.token_texts[p]) in fig.layout.title.text
+    assert sum(fig.data[0].x) == pytest.approx(own_logit(dash.model, trace, p, target), abs=1e-4)  # bars add up
+    L = dash.model.config.num_hidden_layers
+    progress = [f"attribution of position {p}: layer {i} of {L}…" for i in range(1, L + 1)]
+    assert [s for s in statuses if "layer" in s] == progress  # a progress line while it ran
+    assert statuses[-1].startswith(f"attribution of position {p}: what wrote ")
+    # the slider selects as a click does: the strip outlines the token, and its attribution follows
+    dash.inspect.value = 2
+    assert dash.strip.selected == 2 and dash.strip.children[0].selected == 2
+    dash.wait_attribution(30)
+    assert "(position 2)" in dash.attribution_figure.layout.title.text
+    click(dash, len(trace))  # past the strip's end: ignored
+    assert dash.inspect.value == 2
+    dash.run(PROMPT)  # a new run: nothing selected, the panel back to its note
+    assert dash.strip.selected is None and dash.attribution_panel.children == (dash.attribution_panel.note,)
+    assert no_hooks(dash.model)
+
+
+@pytest.fixture
+def blocked_attribution(monkeypatch):
+    """logit_attribution that waits for `release` before each call it is given, recording the positions."""
+    real = analysis.logit_attribution
+    calls: list[int] = []
+    release = threading.Event()
+
+    def slow(model, trace, position, **kwargs):
+        calls.append(position)
+        assert release.wait(30)
+        return real(model, trace, position, **kwargs)
+
+    monkeypatch.setattr(analysis, "logit_attribution", slow)
+    return calls, release
+
+
+def test_a_newer_selection_supersedes_and_the_dashboard_keeps_working(dash, blocked_attribution):
+    calls, release = blocked_attribution
+    dash.run(PROMPT)
+    click(dash, 3)
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:  # 3's attribution has started
+        time.sleep(0.01)
+    click(dash, 4)  # waits behind 3 ...
+    click(dash, 6)  # ... and is replaced by 6
+    # while the attribution of 3 is still running: other controls work, the strip follows the last click
+    assert dash.inspect.value == 6 and dash.strip.selected == 6
+    dash.layer_slider.value = dash.trace.moe_layers[-1]
+    top1 = dash.trace.routing(dash.trace.moe_layers[-1])[0][:, 0].tolist()
+    assert [color for _, color, _ in spans(dash)] == [span_color(e, p < len(PROMPT)) for p, e in enumerate(top1)]
+    release.set()
+    dash.wait_attribution(30)
+    assert calls == [3, 6]  # 4 never ran; 3's result was stale, never shown
+    assert "(position 6)" in dash.attribution_figure.layout.title.text
+    # a generation while an attribution runs: both finish, and the new run drops the old selection's result
+    release.clear()
+    click(dash, 5)
+    deadline = time.monotonic() + 10
+    while calls[-1] != 5 and time.monotonic() < deadline:  # 5's attribution has started
+        time.sleep(0.01)
+    dash.run(PROMPT, wait=False)
+    release.set()
+    dash.streamer.join(30)
+    dash.wait_attribution(30)
+    assert dash.status.value.startswith("generated: 12 tokens") and calls == [3, 6, 5]
+    assert dash.attribution_panel.children == (dash.attribution_panel.note,)  # 5's result belonged to the old run
+    assert no_hooks(dash.model)
+
+
+def test_an_attribution_error_shows_in_the_panel_as_one_line(dash, monkeypatch):
+    def fails(*args, **kwargs):
+        raise ValueError("attributing went wrong\nsecond line")
+
+    monkeypatch.setattr(analysis, "logit_attribution", fails)
+    dash.run(PROMPT)
+    click(dash, 4)
+    dash.wait_attribution(30)
+    assert dash.attribution_panel.children == (dash.attribution_panel.note,)
+    assert dash.attribution_panel.note.value == notice_html(
+        "attribution of position 4 failed: ValueError: attributing went wrong"
+    )
+    assert dash.attribution_status.value == "" and dash.status.value.startswith("generated: 12 tokens")

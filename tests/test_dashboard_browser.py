@@ -6,7 +6,9 @@ runs it through JupyterLab's own command registry (the app is exposed in the pag
 if nothing started, and the test waits for every cell's execution count rather than for time to pass.
 Then it presses Generate, watches the token strip grow, presses Stop and checks that Stop takes effect
 at once: few tokens appear after the click, the kernel got the click promptly and generated at most one
-more token, and the dashboard returns to ready showing exactly the tokens generated. It must hold on a
+more token, and the dashboard returns to ready showing exactly the tokens generated. Last, it clicks a
+token of a markup prompt in the strip and checks that the attribution panel shows that token's figure,
+with the markup shown as text. It must hold on a
 busy machine (two other processes keeping both cores busy). It runs on the bundled demo model, as a
 person opening the quickstart would.
 
@@ -41,6 +43,7 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+MARKUP = "<img src=x onerror=alert(1)> <b>bold</b>"  # a prompt whose tokens are markup
 ASKED = 3000  # far more tokens than the test waits for: only Stop can end this generation early
 NOTEBOOK_TOKENS = 24  # the quickstart's own run
 MINUTE = 60_000  # ms: the first render of a notebook takes several seconds on 2 busy cores
@@ -170,6 +173,33 @@ def kernel_json(page, expression: str):
         pytest.fail(f"the kernel answered {out!r} to {expression}")
 
 
+def check_attribution_on_click(page, artifacts: Path) -> None:
+    """A prompt whose text is markup, generated from the kernel; a click on its '<' token fills the
+    attribution panel with that token's figure, outlines the token and moves "inspect pos", and the markup
+    shows as text (no element injected, no dialog)."""
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    kernel(page, f"dash.max_new_tokens.value = 4; dash.run({MARKUP!r}, wait=True)")
+    tokens = kernel_json(page, "len(dash.trace)")
+    page.wait_for_function(f"document.querySelectorAll('.tok').length === {tokens}", timeout=MINUTE)
+    position = kernel_json(
+        page, "next(p for p, t in enumerate(dash.trace.token_texts) if p > 0 and '<' in t)"
+    )  # not BOS
+    page.locator(f'.tok[data-pos="{position}"]').click()
+    titles = "[...document.querySelectorAll('.js-plotly-plot .gtitle')].map(t => t.textContent)"
+    page.wait_for_function(f"{titles}.some(t => t.includes('(position {position})'))", timeout=MINUTE)
+    kernel(page, "import html; from dsv2viz import analysis, plots")
+    figure = f"plots.logit_attribution(analysis.logit_attribution(dash.model, dash.trace, {position}))"
+    expected = kernel_json(page, f"html.unescape({figure}.layout.title.text)")  # as the browser shows it
+    assert kernel_json(page, "[dash.inspect.value, dash.strip.selected]") == [position, position]
+    shown = [t for t in page.evaluate(titles) if f"(position {position})" in t]
+    assert shown == [expected] and "<" in expected.split("after “")[1], (shown, expected)
+    assert page.evaluate("[...document.querySelectorAll('.tok.selected')].map(t => +t.dataset.pos)") == [position]
+    assert page.locator('img[src="x"]').count() == 0 and dialogs == []  # the markup stayed text
+    page.locator(".js-plotly-plot", has_text=f"(position {position})").scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts / "attribution.png"), full_page=False)
+
+
 def test_quickstart_dashboard_streams_and_stops(lab):
     from playwright.sync_api import sync_playwright
 
@@ -225,6 +255,7 @@ def test_quickstart_dashboard_streams_and_stops(lab):
         assert re.search(rf"generated: {run['generated']} tokens \(stopped\)", page.inner_text("body")), run
         page.wait_for_function(f"document.querySelectorAll('.tok').length === {run['tokens']}", timeout=MINUTE)
         counts, click = page.evaluate("window.counts"), page.evaluate("window.stopClick") / 1000
+        check_attribution_on_click(page, artifacts)
         browser.close()
 
     assert drawn_while_streaming >= 3, "the live figures went blank"  # utilization, latent, attention

@@ -369,6 +369,18 @@ def test_routing_sankey_draws_the_largest_flows_in_expert_colours(trace):
         plots.routing_sankey(paths, n=0)
 
 
+def test_same_expert_rate_is_each_layers_rate_beside_chance(trace):
+    paths = A.routing_paths(trace)
+    rate, chance = plots.same_expert_rate(paths).data
+    assert list(rate.x) == list(chance.x) == [str(layer) for layer in trace.moe_layers]
+    for m, layer in enumerate(trace.moe_layers):  # recounted from the first choices
+        first = trace.routing(layer)[0][:, 0].tolist()
+        same = sum(a == b for a, b in zip(first[1:], first[:-1])) / (len(first) - 1)
+        shares = [first.count(e) / len(first) for e in set(first)]
+        assert rate.y[m] == pytest.approx(same) and chance.y[m] == pytest.approx(sum(q * q for q in shares))
+        assert rate.customdata[m] == pytest.approx(same / sum(q * q for q in shares))
+
+
 # ----- safety and look ----------------------------------------------------------------------------------
 def token_figures(model, trace) -> dict[str, go.Figure]:
     corrupted, (target, contrast) = patching_pair(model, trace)
@@ -405,6 +417,7 @@ def test_every_figure_shares_one_look(byte_model, trace):
         latent_spectrum=plots.latent_spectrum(trace),
         kv_cache_memory=plots.kv_cache_memory(trace.config),
         routing_sankey=plots.routing_sankey(A.routing_paths(trace)),
+        same_expert_rate=plots.same_expert_rate(A.routing_paths(trace, top=2)),
     )
     for name, fig in figures.items():
         assert fig.layout.template == pio.templates["plotly_white"], name

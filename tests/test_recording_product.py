@@ -152,8 +152,10 @@ def check_report(trace: Trace, missing: dict[str, str | None], path) -> None:
         else:
             assert len(shown) == 1 and not shown[0].drawn, (view, [s.title for s in shown])
             assert shown[0].note == f"Not recorded: record it with {missing[view]}."
-    other = [s for s in sections if s.view is None]
-    assert [s.title for s in other] == ["KV-cache memory"] and other[0].drawn
+    other = [s for s in sections if s.view is None]  # no model given: the views that rerun it are notes
+    assert [s.title for s in other] == ["KV-cache memory", "Logit lens", "Direct logit attribution"]
+    assert other[0].drawn and not other[1].drawn and not other[2].drawn
+    assert other[1].note == other[2].note and other[1].note.startswith("Not computed: this view reruns the model")
     if missing["routing"] is None:
         (confidence,) = [s for s in by_view["routing"] if s.title == "Routing confidence"]
         margins = "top-k margin" in confidence.body

@@ -95,6 +95,7 @@ def test_cli_report_renders_every_plot_offline(tmp_path, browser):
     text = html_path.read_text()
     expected = text.count('class="plotly-graph-div"')
     assert expected >= 12
+    assert "<h2>Direct logit attribution: what wrote " in text  # generate has the model: its last token explained
     assert re.search(r"<script[^>]*\bsrc=", text) is None  # plotly.js is inline, not fetched
 
     page, refused, _ = open_offline(browser, html_path)
@@ -111,7 +112,8 @@ def test_cli_report_renders_every_plot_offline(tmp_path, browser):
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert again.read_text().count('class="plotly-graph-div"') == expected - 1  # no model given: no logit lens
+    # no model given: no logit lens and no attribution of the last token, each a note saying to pass the model
+    assert again.read_text().count('class="plotly-graph-div"') == expected - 2
 
 
 def test_token_text_never_runs_in_the_report(tmp_path, browser):

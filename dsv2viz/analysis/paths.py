@@ -15,8 +15,10 @@ its experts with the token before it?
   it is sum_e p_e^2, the chance two tokens share their first expert. A rate well above it means routing
   follows the text locally (runs of code, a language, a word split in pieces), not only its token.
 
-Every count adds across sequences, so a corpus statistic is the sum of its documents'
-(:meth:`RoutingPaths.of_sequence`, added with ``+``); pairs never cross from one sequence to the next.
+Every count adds across sequences, so a corpus statistic is the sum of its documents' or its shards'
+(:meth:`RoutingPaths.of_sequences`, added with ``+``); pairs never cross from one sequence to the next.
+``dsv2viz collect`` counts them with its other statistics for ``top=1`` and ``top=K``, so
+:func:`routing_paths` of a collected corpus reads two small tables rather than every row.
 """
 
 from __future__ import annotations
@@ -49,19 +51,48 @@ class RoutingPaths:
         cls, experts: torch.Tensor | np.ndarray, layers: list[int], n_experts: int, top: int
     ) -> RoutingPaths:
         """The counts of one sequence from its routing `experts` (M, S, K), best first (``trace.routing``)."""
-        experts = torch.as_tensor(np.asarray(experts), dtype=torch.int64)
+        S = np.asarray(experts).shape[1]
+        return cls.of_sequences(experts, np.arange(S) == 0, layers, n_experts, top)
+
+    @classmethod
+    def of_sequences(
+        cls,
+        experts: torch.Tensor | np.ndarray,
+        starts: np.ndarray,
+        layers: list[int],
+        n_experts: int,
+        top: int,
+    ) -> RoutingPaths:
+        """The counts of sequences laid end to end: routing `experts` (M, S, K), best first, and `starts`
+        (S,) True where a sequence begins (its token pairs with none before it).
+
+        Counted with bincounts one layer at a time, so memory stays a few times the routing itself however
+        many experts there are (a corpus shard holds a million tokens).
+        """
+        experts = np.asarray(experts, dtype=np.int64)
         M, S, K = experts.shape
         if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= K:
             raise ValueError(f"top={top} must be between 1 and the {K} experts each token uses")
-        chosen = torch.zeros(M, S, n_experts, dtype=torch.int64).scatter_(2, experts[..., :top], 1)  # (M, S, E) 0/1
+        E, chosen = n_experts, experts[..., :top]  # (M, S, top)
+        follows = ~np.asarray(starts, dtype=bool)[1:]  # (S - 1,) token s + 1 pairs with token s
+        transitions = np.zeros((max(M - 1, 0), E, E), dtype=np.int64)
+        repeats, counts = np.zeros(M, dtype=np.int64), np.zeros((M, E), dtype=np.int64)
+        for m in range(M):
+            now = chosen[m]  # (S, top)
+            counts[m] = np.bincount(now.ravel(), minlength=E)
+            shared = (now[1:, :, None] == now[:-1, None, :]).sum(axis=(1, 2))  # (S - 1,) experts both tokens used
+            repeats[m] = shared[follows].sum()
+            if m + 1 < M:
+                keys = now[:, :, None] * E + chosen[m + 1][:, None, :]  # (S, top, top): from i here to j next
+                transitions[m] = np.bincount(keys.ravel(), minlength=E * E).reshape(E, E)
         return cls(
             layers=list(layers),
-            n_experts=n_experts,
+            n_experts=E,
             top=top,
-            transitions=torch.einsum("mse,msf->mef", chosen[:-1], chosen[1:]),
-            repeats=(chosen[:, 1:] * chosen[:, :-1]).sum(dim=(1, 2)),
-            pairs=max(S - 1, 0),
-            counts=chosen.sum(dim=1),
+            transitions=torch.from_numpy(transitions),
+            repeats=torch.from_numpy(repeats),
+            pairs=int(follows.sum()),
+            counts=torch.from_numpy(counts),
             tokens=S,
         )
 
@@ -144,7 +175,8 @@ def routing_paths(routed: Routed, *, top: int = 1) -> RoutingPaths:
     """Transitions between consecutive MoE layers and consecutive-token assignment of a trace, a list of
     traces or a collected corpus, counting each token's first `top` experts (1 up to K).
 
-    A corpus is recounted from its per-token rows, document by document (documents never pair up).
+    A corpus holds these counts for ``top=1`` and ``top=K`` already (``dsv2viz collect`` sums them shard by
+    shard with its other statistics), so nothing is reread from its rows.
     """
     if is_corpus(routed):
         return _corpus_paths(routed, top)
@@ -161,17 +193,17 @@ def routing_paths(routed: Routed, *, top: int = 1) -> RoutingPaths:
 
 
 def _corpus_paths(corpus: Routed, top: int) -> RoutingPaths:
-    layers, E = list(corpus.moe_layers), int(corpus.stats.counts.shape[1])
-    rows = corpus.rows(["doc_index", "position", "layer", "experts"]).sort_values(["doc_index", "position", "layer"])
-    M = len(layers)
-    total = None
-    for _, doc in rows.groupby("doc_index", sort=True):
-        S = len(doc) // M
-        if len(doc) != S * M or not np.array_equal(doc["position"].to_numpy()[::M], np.arange(S)):
-            raise ValueError("a document's routing rows are not one row per (position, MoE layer); recollect it")
-        experts = np.stack(doc["experts"].to_numpy()).reshape(S, M, -1).transpose(1, 0, 2)  # (M, S, K)
-        paths = RoutingPaths.of_sequence(experts, layers, E, top)
-        total = paths if total is None else total + paths
-    if total is None:
-        raise ValueError("this corpus has no routed tokens")
-    return total
+    """The routing paths a collection counted when it was collected (its ``stats.paths``, by top)."""
+    counted = corpus.stats.paths
+    if counted is None:
+        where = getattr(corpus, "folder", "this collection")
+        raise ValueError(
+            f"{where} was collected by an older dsv2viz that did not count routing paths; run the same "
+            "dsv2viz collect command again with a new --out folder to get them"
+        )
+    if top not in counted:
+        tops = " and ".join(f"top={t}" for t in sorted(counted))
+        raise ValueError(f"a collection counts routing paths for {tops}; top={top!r} is not one of them")
+    if not corpus.moe_layers:
+        raise ValueError("this model has no MoE layers: there are no routing paths")
+    return counted[top]

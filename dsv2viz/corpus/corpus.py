@@ -24,7 +24,9 @@ from .shard import row_arrays
 from .stats import RoutingStats
 
 FORMAT = "dsv2viz-collection"
-VERSION = 2  # 2: the manifest holds the weights' fingerprint (version 1 collections still open, but do not resume)
+# 2: the manifest holds the weights' fingerprint; 3: the statistics count routing paths. Older collections
+# still open (without routing paths before 3), but do not resume: their shards lack what the merge now sums.
+VERSION = 3
 
 
 class Corpus:

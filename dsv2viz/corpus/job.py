@@ -6,7 +6,8 @@ Output folder::
                                   plan) and, when complete, totals
     rows/part-NNNNN.parquet       per-token routing, one row per (document, position, MoE layer)
     shards/NNNNN.*                each shard's statistics and summary (see dsv2viz.corpus.shard)
-    stats.safetensors             merged RoutingStats; stats.token_experts.parquet with token texts
+    stats.safetensors             merged RoutingStats (routing paths included); stats.token_experts.parquet
+                                  with token texts
     documents.parquet             doc_index, doc_id, tokens of every routed document
     skipped.jsonl                 every skipped document and why
 

@@ -1,8 +1,13 @@
 """Routing statistics of a corpus, computed per shard and merged: every field adds up across shards.
 
 Counts (tokens per expert, pairs of experts chosen together, tokens per (token id, expert), near ties,
-an entropy histogram) add exactly; the two float sums (router weights, entropies) are added in shard order,
-so a corpus gives the same statistics however its shards were spread over workers.
+an entropy histogram, routing paths) add exactly; the two float sums (router weights, entropies) are added
+in shard order, so a corpus gives the same statistics however its shards were spread over workers.
+
+Routing paths (:class:`dsv2viz.analysis.RoutingPaths`: transitions between consecutive MoE layers,
+experts shared with the previous token of the same document, the marginal counts chance needs) are
+counted for each token's first expert (``top=1``) and its K experts (``top=K``). Collections written
+before they were counted open without them (``paths`` is None).
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..analysis.paths import RoutingPaths
 from ..files import atomic_path
 
 #: Bins of the routing-entropy histogram over [0, log E].
 ENTROPY_BINS = 32
 
 _TENSORS = ("counts", "weight_sums", "coactivation", "entropy_sum", "entropy_hist", "near_ties")
+_PATH_TENSORS = ("transitions", "repeats", "counts")  # of each RoutingPaths; pairs in the metadata
 
 
 @dataclass
@@ -41,6 +48,8 @@ class RoutingStats:
     entropy_hist: torch.Tensor = None  # (M, ENTROPY_BINS) int64: tokens per entropy bin over [0, log E]
     near_ties: torch.Tensor = None  # (M,) int64: tokens whose K-th and (K+1)-th experts nearly tied
     token_experts: pd.DataFrame = field(default=None)  # (layer, token_id, expert, count), sorted, no zero counts
+    # routing paths by top (1 and K); None for a collection written before they were counted
+    paths: dict[int, RoutingPaths] | None = field(default=None)
 
     def __post_init__(self) -> None:
         M, E = len(self.layers), self.n_experts
@@ -59,6 +68,19 @@ class RoutingStats:
             self.token_experts = _token_experts_frame(
                 np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
             )
+        if self.paths is None:
+            self.paths = self._paths(np.empty((M, 0, self.top_k), np.int64), np.empty(0, bool))
+
+    @property
+    def path_tops(self) -> list[int]:
+        """The tops routing paths are counted for: the first expert and all K."""
+        return sorted({1, self.top_k})
+
+    def _paths(self, experts: np.ndarray, starts: np.ndarray) -> dict[int, RoutingPaths]:
+        """Routing paths of tokens laid end to end, `experts` (M, S, K), for each of :attr:`path_tops`."""
+        return {
+            top: RoutingPaths.of_sequences(experts, starts, self.layers, self.n_experts, top) for top in self.path_tops
+        }
 
     @property
     def mean_entropy(self) -> torch.Tensor:
@@ -98,6 +120,7 @@ class RoutingStats:
         stats.token_experts = _count_triples(
             np.repeat(layer, K), np.repeat(token, K), experts.ravel(), np.ones(len(layer) * K, np.int64)
         )
+        stats.paths = stats._paths(*_token_major(rows, layer_row, experts, M))
         return stats
 
     def merge(self, other: RoutingStats) -> RoutingStats:
@@ -117,6 +140,8 @@ class RoutingStats:
         )
         for name in _TENSORS:
             setattr(merged, name, getattr(self, name) + getattr(other, name))
+        counted = self.paths is not None and other.paths is not None  # a part without them: the sum is unknown
+        merged.paths = {top: self.paths[top] + other.paths[top] for top in self.path_tops} if counted else None
         return merged
 
     def __eq__(self, other: object) -> bool:
@@ -133,11 +158,12 @@ class RoutingStats:
             same
             and all(torch.equal(getattr(self, n), getattr(other, n)) for n in _TENSORS)
             and self.token_experts.equals(other.token_experts)
+            and self.paths == other.paths
         )
 
     def save(self, folder: Path, stem: str) -> None:
-        """Write ``{stem}.safetensors`` (tensors, sizes in its metadata) and ``{stem}.token_experts.parquet``,
-        each whole or not at all."""
+        """Write ``{stem}.safetensors`` (tensors, sizes in its metadata; routing paths as ``paths.top{t}.*``)
+        and ``{stem}.token_experts.parquet``, each whole or not at all."""
         meta = {
             "layers": ",".join(map(str, self.layers)),
             "n_experts": str(self.n_experts),
@@ -145,8 +171,12 @@ class RoutingStats:
             "tokens": str(self.tokens),
             "documents": str(self.documents),
         }
+        tensors = {n: getattr(self, n).contiguous() for n in _TENSORS}
+        for top, paths in (self.paths or {}).items():
+            tensors |= {f"paths.top{top}.{n}": getattr(paths, n).contiguous() for n in _PATH_TENSORS}
+            meta[f"paths.top{top}.pairs"] = str(paths.pairs)
         with atomic_path(folder / f"{stem}.safetensors") as tmp:
-            save_file({n: getattr(self, n).contiguous() for n in _TENSORS}, tmp, metadata=meta)
+            save_file(tensors, tmp, metadata=meta)
         with atomic_path(folder / f"{stem}.token_experts.parquet") as tmp:
             self.token_experts.to_parquet(tmp, index=False)
 
@@ -158,7 +188,8 @@ class RoutingStats:
         with safe_open(path, "pt") as f:
             meta = f.metadata()
         tensors = load_file(path)
-        return cls(
+        counted = {n: tensors.pop(n) for n in [n for n in tensors if n.startswith("paths.")]}
+        stats = cls(
             [int(x) for x in meta["layers"].split(",") if x],
             int(meta["n_experts"]),
             int(meta["top_k"]),
@@ -167,6 +198,21 @@ class RoutingStats:
             token_experts=pd.read_parquet(folder / f"{stem}.token_experts.parquet"),
             **tensors,
         )
+        if not counted:  # written before routing paths were counted
+            stats.paths = None
+            return stats
+        stats.paths = {
+            top: RoutingPaths(
+                stats.layers,
+                stats.n_experts,
+                top,
+                pairs=int(meta[f"paths.top{top}.pairs"]),
+                tokens=stats.tokens,
+                **{n: counted[f"paths.top{top}.{n}"] for n in _PATH_TENSORS},
+            )
+            for top in stats.path_tops
+        }
+        return stats
 
 
 def _token_experts_frame(layer: np.ndarray, token: np.ndarray, expert: np.ndarray, count: np.ndarray) -> pd.DataFrame:
@@ -178,6 +224,23 @@ def _token_experts_frame(layer: np.ndarray, token: np.ndarray, expert: np.ndarra
             "count": count.astype(np.int64),
         }
     )
+
+
+def _token_major(
+    rows: Mapping[str, np.ndarray], layer_row: np.ndarray, experts: np.ndarray, M: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-(token, layer) rows as routing (M, S, K) in document and position order, and (S,) True where a
+    document starts: what :meth:`RoutingPaths.of_sequences` counts."""
+    doc = np.asarray(rows["doc_index"], np.int64)
+    position = np.asarray(rows["position"], np.int64)
+    order = np.lexsort((layer_row, position, doc))
+    doc, position, layer_row = doc[order][::M], position[order][::M], layer_row[order]
+    S = len(doc)
+    if len(order) != S * M or not np.array_equal(layer_row, np.tile(np.arange(M), S)):
+        raise ValueError("routing rows are not one row per (token, MoE layer); collect the documents again")
+    starts = np.ones(S, bool)
+    starts[1:] = (doc[1:] != doc[:-1]) | (position[1:] != position[:-1] + 1)
+    return experts[order].reshape(S, M, -1).transpose(1, 0, 2), starts
 
 
 def _count_triples(layer: np.ndarray, token: np.ndarray, expert: np.ndarray, count: np.ndarray) -> pd.DataFrame:

@@ -13,7 +13,7 @@ only through :func:`token_label`, which escapes it and makes whitespace visible.
 
 from ._text import token_label
 from .attention import attention_parts, attention_pattern, heads_overview
-from .attribution import ablation_effects, logit_attribution, patching_heatmap, routing_sankey
+from .attribution import ablation_effects, logit_attribution, patching_heatmap, routing_sankey, same_expert_rate
 from .export import save_html, save_image
 from .latent import kv_cache_memory, latent_norms, latent_spectrum
 from .lens import logit_lens
@@ -41,6 +41,7 @@ __all__ = [
     "routing_across_layers",
     "routing_confidence",
     "routing_sankey",
+    "same_expert_rate",
     "save_html",
     "save_image",
     "token_label",

@@ -8,6 +8,7 @@ difference lives, and how routing flows from layer to layer.
 * :func:`patching_heatmap`: layers x positions, the share of the clean logit difference one patched
   activation recovers.
 * :func:`routing_sankey`: the largest flows of tokens between consecutive MoE layers' experts.
+* :func:`same_expert_rate`: per MoE layer, how often a token keeps the previous token's expert, against chance.
 
 Routed experts keep the colour they have in every figure (:func:`~dsv2viz.plots._layout.expert_color`);
 heads and the other parts are drawn in neutral greys.
@@ -264,4 +265,34 @@ def routing_sankey(paths: RoutingPaths, *, n: int = 40) -> go.Figure:
         subtitle=f"Each link: tokens whose {counted} at one layer led to an expert at the next; "
         f"{len(flows)} of {total} distinct flows over {paths.tokens} tokens.<br>Node colour: the expert's colour "
         "everywhere else; columns are the MoE layers.",
+    )
+
+
+def same_expert_rate(paths: RoutingPaths) -> go.Figure:
+    """Per MoE layer: how often a token shares its expert(s) with the token before it, beside the chance of
+    two independent tokens with that layer's own routing (:func:`dsv2viz.analysis.routing_paths`)."""
+    frame = paths.to_frame()
+    layers = [str(layer) for layer in frame["layer"]]
+    counted = "first expert" if paths.top == 1 else f"first {paths.top} experts (the share in common)"
+    fig = go.Figure()
+    for column, name, color in (("same_rate", "previous token", "#1f77b4"), ("chance", "chance", "#c8cbcf")):
+        fig.add_bar(
+            x=layers,
+            y=frame[column].to_numpy(dtype=float),
+            name=name,
+            marker_color=color,
+            customdata=frame["ratio"].to_numpy(dtype=float),
+            hovertemplate=hover(f"layer %{{x}}: {name}", "%{y:.3f} (rate / chance: %{customdata:.2f})"),
+        )
+    fig.update_xaxes(title="MoE layer", type="category")
+    fig.update_yaxes(title=f"same {counted} as the previous token", rangemode="tozero")
+    fig.update_layout(
+        barmode="group", legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.0, "yanchor": "bottom"}
+    )
+    return style(
+        fig,
+        "Same expert as the previous token, against chance",
+        height=380,
+        subtitle=f"Over {paths.pairs} consecutive token pairs of {paths.tokens} tokens; chance: two independent "
+        "tokens routed<br>like this layer's tokens (Σ share²). Above chance: routing follows the text locally.",
     )

@@ -19,7 +19,9 @@ model.hooks(...): dash.run(...)``) act on its generation, and those of other run
 
 The token strip is HTML rather than a figure: one escaped ``<span>`` per token is far cheaper to grow
 than a plotly heatmap, and the colours are the figures' own expert palette. It is cut in pieces
-(:class:`TokenStrip`) so that a flush sends the new tokens' piece, not the whole strip.
+(:class:`TokenStrip`) so that a flush sends the new tokens' piece, not the whole strip. Each piece is a
+small anywidget (inline JavaScript, nothing fetched) that draws that HTML and sends a click on a token to
+the kernel; work that follows such a selection runs in a :class:`Superseding` worker, newest click only.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import threading
 import time
 from collections.abc import Callable
 
+import anywidget
 import ipywidgets
 import torch
+import traitlets
 
 from ..generation import Generation, Step
 from ..plots._layout import MONO, expert_color
@@ -133,16 +137,50 @@ def token_span(text: str, position: int, expert: int, prompt_len: int) -> str:
 
 #: Tokens per piece of the strip: a flush re-sends only the pieces that changed, about 40 KB at most.
 STRIP_CHUNK = 200
-# The strip's pieces flow as one text, wrapped into lines: a line may break between two tokens, never
-# inside one (the spans keep white-space:pre).
-_STRIP_CSS = f"""<style>
+
+# A piece of the strip, drawn in the browser: its HTML (built and escaped in Python by token_span), the
+# selected token outlined, and a click on a token sent to the kernel as {select: position}. Inline, so
+# nothing is fetched. The pieces flow as one text, wrapped into lines: a line may break between two
+# tokens, never inside one (the spans keep white-space:pre).
+_PIECE_ESM = """
+function render({ model, el }) {
+  el.classList.add("dsv2viz-piece");
+  const mark = () => {
+    for (const s of el.querySelectorAll(".tok.selected")) s.classList.remove("selected");
+    const p = model.get("selected");
+    if (p >= 0) el.querySelector(`.tok[data-pos="${p}"]`)?.classList.add("selected");
+  };
+  const draw = () => { el.innerHTML = model.get("value"); mark(); };
+  el.addEventListener("click", (event) => {
+    const tok = event.target.closest(".tok");
+    if (tok && el.contains(tok)) model.send({ select: Number(tok.dataset.pos) });
+  });
+  model.on("change:value", draw);
+  model.on("change:selected", mark);
+  draw();
+}
+export default { render };
+"""
+_PIECE_CSS = f"""
 .dsv2viz-strip {{font-family:{MONO};font-size:13px;line-height:2;white-space:normal;word-break:break-all}}
-.dsv2viz-strip .widget-html, .dsv2viz-strip .widget-html-content {{display:inline;margin:0;line-height:2}}
-</style>"""
+.dsv2viz-strip .dsv2viz-piece {{display:inline;overflow:visible}}
+.dsv2viz-piece .tok {{cursor:pointer}}
+.dsv2viz-piece .tok.selected {{outline:2px solid #111;outline-offset:1px}}
+"""
+
+
+class _StripPiece(anywidget.AnyWidget):
+    """Up to :data:`STRIP_CHUNK` tokens of the strip; reports clicks on them."""
+
+    _esm = _PIECE_ESM
+    _css = _PIECE_CSS
+    value = traitlets.Unicode("").tag(sync=True)  # the tokens' spans (token_span), escaped
+    selected = traitlets.Int(-1).tag(sync=True)  # the position outlined in this piece, -1: none
 
 
 class TokenStrip(ipywidgets.Box):
-    """The token strip, in pieces of :data:`STRIP_CHUNK` tokens so that a flush sends only what grew.
+    """The token strip, in pieces of :data:`STRIP_CHUNK` tokens so that a flush sends only what grew;
+    a click on a token selects it (:meth:`on_select`), and the selected token is outlined.
 
     One HTML value holding every token would be sent whole at each flush, O(tokens) bytes every time
     (0.4 MB at 2,000 tokens); here a flush sends the piece holding the new tokens (and opens new pieces).
@@ -151,25 +189,106 @@ class TokenStrip(ipywidgets.Box):
     def __init__(self) -> None:
         super().__init__(layout=ipywidgets.Layout(display="block", max_height="260px", overflow="hidden auto"))
         self.add_class("dsv2viz-strip")
-        self._css = ipywidgets.HTML(_STRIP_CSS)
-        self._pieces: list[ipywidgets.HTML] = []
+        self._pieces: list[_StripPiece] = []
         self._shown = 0  # pieces in use
+        self._length = 0  # tokens shown
+        self._selected: int | None = None
+        self._callbacks: list[Callable[[int], None]] = []
 
     def show(self, spans: list[str], start: int = 0) -> None:
         """Show `spans`, of which those before `start` are already shown as they are."""
         n = -(-len(spans) // STRIP_CHUNK)  # pieces needed
         while len(self._pieces) < n:
-            self._pieces.append(ipywidgets.HTML())
+            piece = _StripPiece()
+            piece.on_msg(self._clicked)
+            self._pieces.append(piece)
         for i in range(start // STRIP_CHUNK, n):
             self._pieces[i].value = "".join(spans[i * STRIP_CHUNK : (i + 1) * STRIP_CHUNK])  # sent if it changed
         if n != self._shown:
-            self.children = (self._css, *self._pieces[:n])
+            self.children = tuple(self._pieces[:n])
             self._shown = n
+        self._length = len(spans)
+        if self._selected is not None and self._selected < len(spans):  # selected before its piece was shown
+            self._pieces[self._selected // STRIP_CHUNK].selected = self._selected
 
     @property
     def value(self) -> str:
         """The HTML of every token shown, in order."""
         return "".join(piece.value for piece in self._pieces[: self._shown])
+
+    @property
+    def selected(self) -> int | None:
+        """The position outlined, or None."""
+        return self._selected
+
+    def select(self, position: int | None) -> None:
+        """Outline the token at `position` (None: none), now or once it is shown; calls no callback."""
+        for p, value in ((self._selected, -1), (position, position)):
+            if p is not None and p // STRIP_CHUNK < len(self._pieces):
+                self._pieces[p // STRIP_CHUNK].selected = value
+        self._selected = position
+
+    def on_select(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(position)`` when a token is clicked in the browser."""
+        self._callbacks.append(callback)
+
+    def _clicked(self, piece: _StripPiece, content: dict, buffers: list) -> None:
+        position = content.get("select") if isinstance(content, dict) else None
+        if isinstance(position, int) and not isinstance(position, bool) and 0 <= position < self._length:
+            for callback in self._callbacks:
+                callback(position)
+
+
+class Superseding:
+    """Runs jobs in one worker thread, the newest only: a job submitted while another runs replaces any
+    still waiting, and :meth:`current` tells a running job whether a newer one came (then its result is
+    stale: it shows nothing). For work that follows a selection, such as the dashboard's attribution."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._ticket = 0  # the newest job's
+        self._waiting: tuple[int, Callable[[int], None]] | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[int], None]) -> int:
+        """Run ``job(ticket)`` in the worker once the job running now (if any) ends; returns its ticket."""
+        with self._lock:
+            self._ticket += 1
+            self._waiting = (self._ticket, job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+                self._thread.start()
+            return self._ticket
+
+    def cancel(self) -> None:
+        """Drop the waiting job and make the running one stale."""
+        with self._lock:
+            self._ticket += 1
+            self._waiting = None
+
+    def current(self, ticket: int) -> bool:
+        """Whether the job of `ticket` is still the newest."""
+        return ticket == self._ticket
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until no job runs or waits (or `timeout` seconds)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if self._waiting is None:
+                    self._thread = None
+                    return
+                (ticket, job), self._waiting = self._waiting, None
+            job(ticket)
 
 
 def newest_attention(trace: Trace, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

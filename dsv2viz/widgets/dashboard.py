@@ -5,9 +5,15 @@
 
 Panels: the token strip coloured by top-1 expert at a chosen MoE layer; the layer x expert utilization
 heat map; the newest token's attention at a chosen layer and head, split into its content (nope) and
-position (rope) scores; the per-token latent norms (spectrum on a button); one token's routing across
-layers with its next-token candidates; and an interventions area that bans or forces an expert,
-regenerates and compares both runs (routing change per layer, KL per step).
+position (rope) scores; the per-token latent norms (spectrum on a button); the selected token's routing
+across layers, its next-token candidates and its direct logit attribution (which heads and experts
+wrote the token after it); and an interventions area that bans or forces an expert, regenerates and
+compares both runs (routing change per layer, KL per step).
+
+A token is selected by clicking it in the strip or with the "inspect pos" slider; the two stay in step.
+Its attribution reruns the model over the trace (:func:`dsv2viz.analysis.logit_attribution`) in a worker
+thread with a progress line, so generation and the other panels keep going; a newer selection supersedes
+it, and an error shows in the panel as one line.
 
 Generation runs in a worker thread (:class:`~dsv2viz.widgets._live.Streamer`) so Stop stays clickable;
 widgets are updated in coalesced batches, never per token, and only once the browser has drawn the
@@ -19,6 +25,7 @@ tensors. Token text is always escaped with ``token_label``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,11 +45,14 @@ from ..plots._text import token_label
 from ..tokenizer import id_labels
 from ..traces import Recording, Trace, TraceError
 from ._figure import Drawn, Panel, notice_html, redraw, update
-from ._live import Flush, Streamer, TokenStrip, newest_attention, token_span
+from ._live import Flush, Streamer, Superseding, TokenStrip, newest_attention, token_span
 
 NOT_YET = "Nothing generated yet: press Generate."
 SPECTRUM_NOTE = "Press “Latent spectrum” for the singular values of every layer's cached latent (an SVD)."
 COMPARE_NOTE = "Regenerate with an intervention to compare it with this run."
+ATTRIBUTION_NOTE = (
+    "Click a token in the strip (or move “inspect pos”) to see which heads and experts wrote the token after it."
+)
 
 
 class GenerationDashboard(w.VBox):
@@ -78,6 +88,7 @@ class GenerationDashboard(w.VBox):
         moe = c.moe_layers
         self.layer_slider = w.SelectionSlider(options=moe, value=moe[0] if moe else None, description="MoE layer")
         self.strip = TokenStrip()
+        self.strip.on_select(lambda position: self._guarded(self.select, position=position))
         self._spans: list[str] = []
         self._top1 = torch.zeros(len(moe), 0, dtype=torch.int64)  # (M, S) top-1 expert per MoE layer and token
         self.layer_slider.observe(lambda _: self._render_strip(), names="value")
@@ -127,7 +138,11 @@ class GenerationDashboard(w.VBox):
         self.inspect_figure = go.FigureWidget()
         self.inspect_panel = Panel(self.inspect_figure, NOT_YET)
         self.candidates = w.HTML()
-        self.inspect.observe(lambda _: self._guarded(self._render_inspect), names="value")
+        self.inspect.observe(lambda _: self._guarded(self._selected), names="value")
+        self.attribution_status = w.HTML()  # the progress line of the attribution being computed
+        self.attribution_figure = go.FigureWidget()
+        self.attribution_panel = Panel(self.attribution_figure, ATTRIBUTION_NOTE)
+        self._attribution = Superseding("dsv2viz-attribution")
 
         self.iv_mode = w.Dropdown(options=["ban", "force"], value="ban", description="intervention")
         self.iv_layer = w.Dropdown(options=moe, value=moe[0] if moe else None, description="at layer")
@@ -170,6 +185,8 @@ class GenerationDashboard(w.VBox):
                 self.attention_panel,
                 row(self.inspect, self.spectrum_button),
                 row(self.inspect_panel, self.candidates),
+                self.attribution_status,
+                self.attribution_panel,
                 self.spectrum_panel,
                 row(self.iv_mode, self.iv_layer, self.iv_expert, self.iv_button),
                 self.compare_panel,
@@ -215,6 +232,21 @@ class GenerationDashboard(w.VBox):
     def shown(self) -> int:
         """Tokens (prompt + generated) the panels show so far."""
         return len(self._spans)
+
+    def select(self, position: int) -> None:
+        """Select the token at `position`, as a click on it in the strip does: "inspect pos" moves there, the
+        strip outlines it, and its attribution starts in a worker thread (:meth:`wait_attribution`)."""
+        if self.trace is None or not 0 <= position < len(self.trace):
+            raise ValueError(f"position {position} is not a token shown in the strip")
+        self.inspect.max = max(self.inspect.max, position)  # a click may come before a flush moves the slider's end
+        if self.inspect.value == position:
+            self._selected()  # the same token again: its attribution is computed again
+        else:
+            self.inspect.value = position  # its observer does the rest
+
+    def wait_attribution(self, timeout: float | None = None) -> None:
+        """Wait until the attribution of the selected token is shown (or `timeout` seconds)."""
+        self._attribution.join(timeout)
 
     def show_spectrum(self) -> None:
         """Singular values of every layer's cached latent over the last trace (computed on request: an SVD)."""
@@ -275,7 +307,12 @@ class GenerationDashboard(w.VBox):
         self._top1 = self._top1[:, :0]
         self.counts.zero_()
         self.strip.show([])
+        self.strip.select(None)
         self.candidates.value = ""
+        self.inspect.value = self.inspect.max = 0  # no trace: nothing is drawn or attributed
+        self._attribution.cancel()
+        self.attribution_status.value = ""
+        self.attribution_panel.show_note(ATTRIBUTION_NOTE)
         self.inspect_panel.show_note(NOT_YET)
         self.spectrum_panel.show_note(SPECTRUM_NOTE)
         self.compare_panel.show_note(COMPARE_NOTE)
@@ -363,6 +400,46 @@ class GenerationDashboard(w.VBox):
             title_text=f"Attention of the newest token “{newest}”, layer {layer} head {head}{share}",
         )
         self.attention_panel.show_figure()
+
+    def _selected(self) -> None:
+        """The "inspect pos" slider moved (by the user, or by a click in the strip): follow it everywhere."""
+        if self.trace is None:
+            return
+        position = min(self.inspect.value, len(self.trace) - 1)
+        self.strip.select(position)
+        self._render_inspect()
+        trace = self.trace
+        self.attribution_status.value = f"attribution of position {position}: waiting for the one before…"
+        self._attribution.submit(lambda ticket: self._attribute(ticket, trace, position))
+
+    def _attribute(self, ticket: int, trace: Trace, position: int) -> None:
+        """Compute and show one position's attribution (the attribution worker); shows nothing once stale."""
+        current = lambda: self._attribution.current(ticket)  # noqa: E731
+        L, start = self.model.config.num_hidden_layers, time.perf_counter()
+
+        def progress(x: torch.Tensor, hook: Any) -> None:  # after each layer: the progress line
+            if current():
+                layer = int(hook.name.split(".")[2])
+                self.attribution_status.value = f"attribution of position {position}: layer {layer + 1} of {L}…"
+
+        if not current():
+            return
+        try:
+            with self.model.hooks([("model.layers.*.hook_resid_post", progress)]):
+                attr = analysis.logit_attribution(self.model, trace, position)
+            figure = plots.logit_attribution(attr)
+        except Exception as e:
+            if current():
+                self.attribution_status.value = ""
+                self.attribution_panel.show_note(f"attribution of position {position} failed: {_error_line(e)}")
+            return
+        if current():
+            redraw(self.attribution_figure, figure)
+            self.attribution_panel.show_figure()
+            self.attribution_status.value = (
+                f"attribution of position {position}: what wrote {token_label(attr.target_text)} "
+                f"({time.perf_counter() - start:.1f} s)"
+            )
 
     def _render_inspect(self) -> None:
         trace = self.trace
