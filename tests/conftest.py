@@ -161,6 +161,17 @@ def peak_rss_growth(setup: str, work: str) -> tuple[int, str]:
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
+CHROMIUM = "/usr/bin/chromium"  # Debian's, which .ci/run installs
+
+
+def launch_chromium(playwright):
+    """Headless Chromium for the browser tests (see ../shared/BROWSER.md), failing with the fix if it is missing."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[*args, "--disable-sync", "--no-first-run"])
+
+
 @pytest.fixture
 def run_notebook(tmp_path, monkeypatch):
     """Execute a notebook top to bottom (nbclient, a fresh kernel, cwd a temporary folder, on the bundled

@@ -21,6 +21,7 @@ from dsv2viz.traces import Recording
 from dsv2viz.widgets import GenerationDashboard
 from dsv2viz.widgets._figure import Drawn, json_safe, notice_html
 from dsv2viz.widgets._live import STRIP_CHUNK, Streamer, TokenStrip, span_color, token_span
+from dsv2viz.widgets.dashboard import INSPECT_NOTE
 
 PROMPT = [5, 6, 7, 8, 9]
 SPAN = re.compile(r'<span class="tok" data-pos="(\d+)"[^>]*style="background:(rgb\([^)]*\))[^>]*>(.*?)</span>')
@@ -139,8 +140,11 @@ def test_errors_show_in_the_status_line(dash):
 def test_views_with_nothing_to_show_show_only_their_note(dash):
     panels = (dash.utilization_panel, dash.latent_panel, dash.attention_panel, dash.inspect_panel)
     assert all(p.children == (p.note,) for p in (*panels, dash.spectrum_panel, dash.compare_panel))  # no bare axes
+    notes = []
+    dash.inspect_panel.note.observe(lambda change: notes.append(change["new"]), names="value")
     dash.run(PROMPT)
     assert all(p.children == (p.figure,) for p in panels)
+    assert notes == [notice_html(INSPECT_NOTE)]  # while generating it says when it is drawn, not "nothing yet"
     assert dash.spectrum_panel.children == (dash.spectrum_panel.note,)
     assert dash.compare_panel.children == (dash.compare_panel.note,)  # no intervention yet
     dash.spectrum_button.click()

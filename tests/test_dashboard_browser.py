@@ -32,17 +32,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import launch_chromium
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 MARKUP = "<img src=x onerror=alert(1)> <b>bold</b>"  # a prompt whose tokens are markup
 ASKED = 3000  # far more tokens than the test waits for: only Stop can end this generation early
 NOTEBOOK_TOKENS = 24  # the quickstart's own run
@@ -207,7 +199,7 @@ def test_quickstart_dashboard_streams_and_stops(lab):
     artifacts.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float | int] = {}
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1500, "height": 1600})
         page.goto(f"{lab}/lab/tree/01_quickstart.ipynb")
         started = run_all(page)

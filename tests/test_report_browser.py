@@ -15,21 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_chromium
 
 import dsv2viz
 from dsv2viz.html_report import report
 from dsv2viz.random_checkpoint import write_random_checkpoint
 from dsv2viz.traces import Recording
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 EVIL = "<img src=x onerror=alert(1)>"
 
 
@@ -37,10 +29,8 @@ EVIL = "<img src=x onerror=alert(1)>"
 def browser():
     from playwright.sync_api import sync_playwright
 
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        b = launch_chromium(p)
         yield b
         b.close()
 

@@ -48,6 +48,9 @@ from ._figure import Drawn, Panel, notice_html, redraw, update
 from ._live import Flush, Streamer, Superseding, TokenStrip, newest_attention, token_span
 
 NOT_YET = "Nothing generated yet: press Generate."
+INSPECT_NOTE = (
+    "The selected token's routing across layers is drawn when the generation ends; click a token to see it now."
+)
 SPECTRUM_NOTE = "Press “Latent spectrum” for the singular values of every layer's cached latent (an SVD)."
 COMPARE_NOTE = "Regenerate with an intervention to compare it with this run."
 ATTRIBUTION_NOTE = (
@@ -313,7 +316,7 @@ class GenerationDashboard(w.VBox):
         self._attribution.cancel()
         self.attribution_status.value = ""
         self.attribution_panel.show_note(ATTRIBUTION_NOTE)
-        self.inspect_panel.show_note(NOT_YET)
+        self.inspect_panel.show_note(INSPECT_NOTE)
         self.spectrum_panel.show_note(SPECTRUM_NOTE)
         self.compare_panel.show_note(COMPARE_NOTE)
 
