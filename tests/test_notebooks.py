@@ -245,3 +245,190 @@ assert np.allclose(explorer.rope_share.data[0].z, rope_fig.data[0].z)
 assert np.allclose(explorer.entropy.data[0].z, entropy_fig.data[0].z)
 """,
     )
+
+
+def test_07_attribution(run_notebook):
+    nb = run_notebook(
+        "07_attribution.ipynb",
+        """
+import math
+from collections import Counter
+import numpy as np
+from dsv2viz import interventions as iv
+
+L, H, K, moe = c.num_hidden_layers, c.num_attention_heads, c.num_experts_per_tok, c.moe_layers
+assert not [name for name, h in model.hook_points.items() if h.active]
+
+def plain_logits(tokens, hooks=()):  # (T, V) fp32 of one plain forward pass over `tokens`, with `hooks`
+    with torch.no_grad():
+        return model.run_with_hooks(torch.as_tensor(tokens)[None].to(model.device), fwd_hooks=list(hooks))[0].float().cpu()
+
+# direct attribution of the last generated token: it is the trace's last token, the model's likeliest after
+# `pos`, and the parts (one per head, routed expert the token used, shared experts, dense MLP, embedding) sum
+# to the model's own logit, recomputed with a plain forward pass
+ids = trace.token_ids
+logits = plain_logits(ids)
+assert len(trace) - trace.prompt_len == N_NEW and pos == len(trace) - 2 and attr.position == pos
+assert attr.target == int(ids[-1]) == int(logits[pos].argmax())
+assert len(attr.frame) == 1 + L * H + len(moe) * (K + 1) + (L - len(moe))
+for layer in moe:
+    used = attr.frame[(attr.frame.kind == "expert") & (attr.frame.layer == layer)]
+    experts, weights = trace.routing(layer)
+    assert sorted(used["index"]) == sorted(experts[pos].tolist())
+    assert np.allclose(sorted(used.weight), sorted(weights[pos].tolist()), atol=1e-5)
+assert math.isclose(attr.total, float(logits[pos, attr.target]), abs_tol=1e-4)
+assert math.isclose(attr.logit, float(logits[pos, attr.target]), abs_tol=1e-4)
+assert math.isclose(sum(attr_fig.data[0].x), attr.logit, abs_tol=1e-4)  # 15 bars and the rest
+
+# one part by hand: the head with the largest contribution, its slice of o_proj applied to its z, read
+# through lm_head with the final norm's 1/rms of this run
+head = attr.frame[attr.frame.kind == "head"].iloc[0]
+layer, h, dv = int(head.layer), int(head["index"]), c.v_head_dim
+z_name, last = f"model.layers.{layer}.self_attn.hook_z", f"model.layers.{L - 1}.hook_resid_post"
+_, acts = model.run_with_cache(ids[None].to(model.device), names_filter=[z_name, last])
+write = acts[z_name][0, pos, h].double() @ model.model.layers[layer].self_attn.o_proj.weight[:, h * dv:(h + 1) * dv].double().T
+x = acts[last][0, pos].double()
+u = model.lm_head.weight[attr.target].double() * model.model.norm.weight.double()
+assert math.isclose(head.contribution, float(write @ u) / float((x.pow(2).mean() + model.model.norm.eps).sqrt()), abs_tol=1e-5)
+
+# the contrast: the runner-up of the recorded step and of a plain forward pass; the parts sum to the difference
+top2 = logits[pos].topk(2).indices.tolist()
+assert [diff.target, diff.contrast] == top2 == trace.candidates(pos)[0][:2].tolist()
+assert math.isclose(diff.total, float(logits[pos, top2[0]] - logits[pos, top2[1]]), abs_tol=1e-4)
+assert math.isclose(sum(diff_fig.data[0].x), diff.logit, abs_tol=1e-4)
+
+# ablation effects: the unablated log-probability, and the largest expert and head effects, each rerun
+# alone (the expert through ablate_experts at pos, the head through a hand-written hook)
+logp = logits[pos].log_softmax(-1)
+assert effects.target == attr.target and math.isclose(effects.clean_logprob, float(logp[attr.target]), abs_tol=1e-4)
+assert len(effects.frame) == L * H + len(moe) * (K + 1) + (L - len(moe))
+expert = effects.frame[effects.frame.kind == "expert"].iloc[0]
+alone = plain_logits(ids, iv.ablate_experts({int(expert.layer): [int(expert["index"])]}, positions=[pos]))
+assert math.isclose(expert.effect, float(alone[pos].log_softmax(-1)[attr.target] - logp[attr.target]), abs_tol=1e-4)
+head = effects.frame[effects.frame.kind == "head"].iloc[0]
+def zero_head(z, hook):
+    z = z.clone()
+    z[:, pos, int(head["index"])] = 0
+    return z
+alone = plain_logits(ids, [(f"model.layers.{int(head.layer)}.self_attn.hook_z", zero_head)])
+assert math.isclose(head.effect, float(alone[pos].log_softmax(-1)[attr.target] - logp[attr.target]), abs_tol=1e-4)
+assert effects.frame.effect.abs().max() > 0.1
+
+# the estimate of that head, from a gradient taken here: -grad_z . z of log p(target) at pos
+kept = {}
+def leaf(z, hook):
+    kept["z"] = z.detach().requires_grad_(True)
+    return kept["z"]
+with torch.enable_grad():
+    out = model.run_with_hooks(ids[None, : pos + 1].to(model.device), fwd_hooks=[(f"model.layers.{int(head.layer)}.self_attn.hook_z", leaf)])
+    (grad,) = torch.autograd.grad(out[0, pos].float().log_softmax(-1)[attr.target], kept["z"])
+z_h = kept["z"][0, pos, int(head["index"])].detach()
+guess = estimates.at(pos).set_index("component").estimate[head.component]
+assert math.isclose(guess, -float((grad[0, pos, int(head["index"])] * z_h).sum()), rel_tol=1e-3, abs_tol=1e-5)
+
+# Spearman's rank correlation, recomputed from the two tables with ranks computed here
+def ranks(v):  # 1..n, tied values share their mean rank
+    v = np.asarray(v, dtype=float)
+    r = np.empty(len(v))
+    r[v.argsort(kind="stable")] = np.arange(1, len(v) + 1)
+    for value in np.unique(v):
+        r[v == value] = r[v == value].mean()
+    return r
+def rank_corr(exact, guess):  # two tables joined on the part's name
+    e = exact.set_index("component").effect
+    g = guess.set_index("component").estimate
+    assert sorted(e.index) == sorted(g.index)
+    return float(np.corrcoef(ranks(e), ranks(g[e.index]))[0, 1])
+recomputed = rank_corr(effects.frame, estimates.at(pos))
+assert len(both) == len(effects.frame) and math.isclose(rho, recomputed, abs_tol=1e-9)
+for p, t in per_position.items():
+    exact = analysis.ablation_effects(model, trace, p).frame
+    assert math.isclose(rank_table.Spearman[p], rank_corr(exact, t), abs_tol=1e-9)
+    row = exact.loc[exact.effect.abs().idxmax()]
+    assert rank_table["largest exact effect"][p] == row.component and math.isclose(rank_table["its effect"][p], row.effect)
+# what the markdown says of the demo model: the layer-0 MLP's removal is the largest, and its estimate is a
+# small fraction of it, mostly of the opposite sign
+assert (rank_table["largest exact effect"] == "L0.mlp").all()
+assert (rank_table["its estimate"].abs() < rank_table["its effect"].abs() / 4).all()
+assert (np.sign(rank_table["its estimate"]) != np.sign(rank_table["its effect"])).sum() > len(rank_table) / 2
+print(f"RECOMPUTED_RHO {recomputed:.2f} {len(both)} {pos}")
+
+# patching: the two prompts differ in the name only; the clean and corrupted differences from plain runs
+clean_last, corrupted_last = plain_logits(CLEAN)[-1], plain_logits(CORRUPTED)[-1]
+target, contrast = int(clean_last.argmax()), int(corrupted_last.argmax())
+assert len(CLEAN) == len(CORRUPTED) and differ == [6]
+assert [model.tokenizer.decode([t]) for t in (target, contrast, CLEAN[6], CORRUPTED[6])] == ["key", "name", " key", " name"]
+def metric(lg):
+    return float(lg[target] - lg[contrast])
+for kind, r in patching.items():
+    assert r.kind == kind and (r.target, r.contrast) == (target, contrast)
+    assert math.isclose(r.clean, metric(clean_last), abs_tol=1e-4) and math.isclose(r.corrupted, metric(corrupted_last), abs_tol=1e-4)
+    assert r.positions == list(range(len(CLEAN))) and r.layers == (moe if kind == "routing" else list(range(L)))
+    assert r.recovered[:, : differ[0]].abs().max() < 1e-5  # identical prefix: nothing to recover
+for fig, r in ((resid_fig, resid), (latent_fig, latent), (routing_fig, routing)):
+    assert np.allclose(fig.data[0].z, r.recovered.numpy())
+
+def clean_values(name):
+    _, cache = model.run_with_cache(torch.tensor([CLEAN], device=model.device), names_filter=name)
+    return cache[name]
+def recovered_by(patches):  # (name, hook) pairs, run on the corrupted prompt
+    return (metric(plain_logits(CORRUPTED, patches)[-1]) - metric(corrupted_last)) / (metric(clean_last) - metric(corrupted_last))
+
+# the whole first-layer residual stream written by hand: exactly the clean difference
+def replace_with(value):  # a hook writing the clean run's whole tensor
+    return lambda x, hook: value.to(x)
+first = clean_values("model.layers.0.hook_resid_pre")
+assert math.isclose(recovered_by([("model.layers.0.hook_resid_pre", replace_with(first))]), 1.0, abs_tol=1e-5)
+assert math.isclose(checks["residual at every position of layer 0"], 1.0, abs_tol=1e-5)
+assert abs(checks["nothing patched"]) < 1e-5
+
+# the latent of the name's position at layer 1, by hand; and the markdown's account of where the name moves
+name = "model.layers.1.self_attn.hook_c_kv"
+value = clean_values(name)[0, 6]
+def one_latent(x, hook):
+    x = x.clone()
+    x[:, 6] = value
+    return x
+assert math.isclose(latent.recovered[1, 6].item(), recovered_by([(name, one_latent)]), abs_tol=1e-5)
+assert latent.recovered[1, 6] > 0.95 and (latent.recovered[[0, 2, 3], 6].abs() < 0.05).all()
+assert carried["residual: position recovering most"].tolist() == [6, 6, 13, 13]
+assert (carried.recovered > 0.95).all()
+
+# routing: every MoE layer's clean choice forced into the corrupted run by hand; the runs did choose
+# differently at some cells, and forcing the clean choices recovers close to nothing
+forced = [(g, replace_with(clean_values(g))) for g in gates]
+assert math.isclose(checks["routing at every position and MoE layer"], recovered_by(forced), abs_tol=1e-5)
+assert chose_differently > 0
+assert abs(checks["routing at every position and MoE layer"]) < 0.01 and routing.recovered.abs().max() < 0.01
+assert not [name for name, h in model.hook_points.items() if h.active]
+
+# routing paths recounted from the traces' routing, token by token
+assert len(traces) == 3 and traces[0] is trace
+for top, counted in ((1, paths), (K, paths_k)):
+    chosen = {layer: [set(s[:top]) for t in traces for s in t.routing(layer)[0].tolist()] for layer in moe}
+    starts = np.cumsum([0] + [len(t) for t in traces])[:-1].tolist()
+    pairs = [s for s in range(1, sum(len(t) for t in traces)) if s not in starts]
+    assert counted.tokens == sum(len(t) for t in traces) and counted.pairs == len(pairs)
+    for row, layer in enumerate(moe):
+        shared = sum(len(chosen[layer][s] & chosen[layer][s - 1]) for s in pairs)
+        assert math.isclose(counted.same_rate[row], shared / (len(pairs) * top))
+        share = Counter(e for s in chosen[layer] for e in s)
+        assert math.isclose(counted.chance[row], sum((n / counted.tokens) ** 2 for n in share.values()) / top)
+        label = "first expert" if top == 1 else f"all {K} experts"
+        assert math.isclose(rates[(label, "same_rate")][layer], shared / (len(pairs) * top))
+    for a, b in zip(moe, moe[1:]):
+        moves = Counter((i, j) for s in range(counted.tokens) for i in chosen[a][s] for j in chosen[b][s])
+        assert {(i, j): int(counted.transitions[moe.index(a), i, j]) for i, j in moves} == dict(moves)
+        assert int(counted.transitions[moe.index(a)].sum()) == sum(moves.values())
+top_flows = paths.flows(30)
+assert list(sankey.data[0].link.value) == top_flows["count"].tolist()
+assert top_flows["count"].is_monotonic_decreasing
+assert np.allclose(rate_fig.data[0].y, paths.same_rate.numpy()) and np.allclose(rate_fig.data[1].y, paths.chance.numpy())
+""",
+    )
+    # the rank correlation the notebook printed is the one recomputed in its kernel
+    printed = "".join(
+        o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
+    )
+    recomputed, parts, pos = printed.split("RECOMPUTED_RHO ")[1].split()[:3]
+    assert f"Spearman rank correlation over the {parts} parts at position {pos}: {recomputed}\n" in printed
