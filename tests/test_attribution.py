@@ -192,6 +192,14 @@ def test_attribution_refuses_what_it_cannot_do_in_one_line(model, trace, monkeyp
         A.logit_attribution(model, [1, 2, 999])
     with pytest.raises(ValueError, match="no tokens given"):
         A.logit_attribution(model, [])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        A.logit_attribution(model, "def f(x):")
+    with pytest.raises(ValueError, match="pass a trace, a text or token ids; got float"):
+        A.ablation_effects(model, 3.5)
+    with pytest.raises(ValueError, match="token ids must be integers in one sequence"):
+        A.activation_patching(model, ["def", "f"], ["def", "g"])
+    with pytest.raises(ValueError, match="513 tokens exceed the model's context of 512"):
+        A.attribution_patching(model, [5] * 513)
     other = dataclasses.replace(trace, config=trace.config.replace(rms_norm_eps=1e-5))
     with pytest.raises(ValueError, match="another configuration"):
         A.logit_attribution(model, other)
@@ -200,6 +208,16 @@ def test_attribution_refuses_what_it_cannot_do_in_one_line(model, trace, monkeyp
     with pytest.raises(ValueError, match="ask for at most 5 per call"):
         A.logit_attributions(model, trace, range(6))
     assert len(A.logit_attributions(model, trace, range(5))) == 5
+
+
+def test_a_text_is_read_as_a_generation_reads_its_plain_prompt():
+    demo = dsv2viz.load()
+    text = "def 面积(w):\n    return w *"
+    ids = demo.tokenizer.encode(text)
+    assert demo.generate(text, 1).run().token_ids[: len(ids)].tolist() == ids  # BOS and all
+    by_text, by_ids = A.logit_attribution(demo, text), A.logit_attribution(demo, ids)
+    pd.testing.assert_frame_equal(by_text.frame, by_ids.frame)
+    assert (by_text.logit, by_text.token_text, by_text.target) == (by_ids.logit, by_ids.token_text, by_ids.target)
 
 
 # ----- interventions at chosen positions ----------------------------------------------------------------

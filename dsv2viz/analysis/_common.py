@@ -46,7 +46,7 @@ class RoutingCollection(Protocol):
 
 
 Routed = Union[Traces, RoutingCollection]  # what the routing analyses accept
-Tokens = Union[Trace, Sequence[int], torch.Tensor]  # what the analyses that rerun the model read
+Tokens = Union[Trace, str, Sequence[int], torch.Tensor]  # what the analyses that rerun the model read
 
 #: Most copies of a sequence one forward pass of the batched analyses (ablations, patching) may hold.
 MAX_BATCH = 1024
@@ -85,16 +85,27 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def token_sequence(model: DeepseekV2ForCausalLM, tokens: Tokens) -> tuple[torch.Tensor, list[str]]:
-    """(ids (T,) int64 on the CPU, their token texts) of a trace or of token ids, checked against `model`.
+    """(ids (T,) int64 on the CPU, their token texts) of a trace, a text or token ids, checked against `model`.
 
-    A trace keeps its own token texts; ids get theirs from the model's tokenizer. A trace recorded with a
-    model of another configuration, an empty sequence, or ids outside the vocabulary are refused.
+    A trace keeps its own token texts; a text is encoded as ``model.generate`` encodes a plain prompt (BOS
+    first when the tokenizer adds one); ids get their texts from the model's tokenizer. A trace recorded with
+    a model of another configuration, an empty sequence, ids outside the vocabulary, or more tokens than the
+    model's context are refused.
     """
     if isinstance(tokens, Trace):
         if tokens.config != model.config:
             raise ValueError("this trace was recorded with a model of another configuration; rerun it with that model")
         return tokens.token_ids.long().cpu(), list(tokens.token_texts)
-    ids = torch.as_tensor(tokens)
+    if isinstance(tokens, str):
+        if model.tokenizer is None:
+            raise ValueError("this model has no tokenizer (no tokenizer.json in its folder): pass token ids")
+        tokens = model.tokenizer.encode(tokens)
+    elif isinstance(tokens, (bytes, dict)) or not isinstance(tokens, (Sequence, torch.Tensor, np.ndarray)):
+        raise ValueError(f"pass a trace, a text or token ids; got {type(tokens).__name__}")
+    try:
+        ids = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"token ids must be integers in one sequence; got {str(tokens)[:60]} ({e})") from None
     if ids.dim() == 2 and ids.shape[0] == 1:  # (1, T), as the model takes them
         ids = ids[0]
     if ids.numel() == 0:
@@ -103,6 +114,8 @@ def token_sequence(model: DeepseekV2ForCausalLM, tokens: Tokens) -> tuple[torch.
         raise ValueError(
             f"token ids must be integers in one sequence (T,) or (1, T); got {tuple(ids.shape)} {ids.dtype}"
         )
+    if len(ids) > model.config.max_position_embeddings:
+        raise ValueError(f"{len(ids)} tokens exceed the model's context of {model.config.max_position_embeddings}")
     V = model.config.vocab_size
     bad = ids[(ids < 0) | (ids >= V)]
     if len(bad):
