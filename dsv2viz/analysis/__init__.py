@@ -3,7 +3,7 @@
 Functions take a :class:`~dsv2viz.traces.Trace` or a corpus (a list of traces from one model) and return
 tensors, pandas DataFrames or small dataclasses with named fields, ready to plot or to test against.
 Per-position tensors of a corpus concatenate its traces' positions; tables get a ``trace`` column.
-Attribution reruns the model over a trace's tokens (or token ids): which parts wrote a logit
+Attribution reruns the model over a trace's tokens (or a text, or token ids): which parts wrote a logit
 (:func:`logit_attribution`), what removing each changes (:func:`ablation_effects`, and the gradient estimate
 :func:`attribution_patching`), where two prompts' difference lives (:func:`activation_patching`), and how
 routing runs from layer to layer and token to token (:func:`routing_paths`).

@@ -113,7 +113,7 @@ def logit_attribution(
 ) -> LogitAttribution:
     """Split the logit of `target` after reading `position` into every part's direct contribution.
 
-    `tokens` is a trace or token ids; the model reruns over them (no cache) with no intervention of its own:
+    `tokens` is a trace, a text or token ids; the model reruns over them (no cache) with no intervention of its own:
     to attribute a run with interventions (a trace generated with some), call it inside
     ``with model.hooks(interventions):``. `target` defaults to the
     token the model produced next: the sequence's token at ``position + 1``, or for the last position
