@@ -327,8 +327,9 @@ class MoE(nn.Module):
     """DeepSeekMoE: each token goes to K of E routed experts, weighted by the router, plus shared experts.
 
     The routed experts run as two grouped GEMMs over the (token, slot) pairs sorted by expert
-    (:func:`grouped_experts`), reading each chosen expert's weights once and with no host synchronisation.
-    Their weights are stacked (:meth:`stacked_experts`; each expert's parameters are views into the stack,
+    (:func:`grouped_experts`), reading each chosen expert's weights once and with no host synchronisation;
+    on a CPU, fewer pairs than experts (a decoding step, a few-token prompt) go row by row over views of the
+    stack instead (:func:`looped_routed_sum`), since the CPU grouped GEMM visits every expert. Their weights are stacked (:meth:`stacked_experts`; each expert's parameters are views into the stack,
     so they are held once). One expert at a time, through each expert's own module, runs only when a
     per-expert hook point (``experts.{e}.hook_out``) is active, when gradients flow into the weights or
     the input, or where the device cannot run grouped GEMMs in this dtype.
