@@ -14,11 +14,10 @@ latest step took, and why not the fast one.
 The step, gpt-fast's recipe. The latent cache is preallocated to the generation's final length, and one
 position tensor drives the rope angles, the cache write (``index_copy_`` at that position) and the causal
 mask (keys 0..pos of the whole cache), so every step has the same shapes. The routed experts of the
-step's token: on a GPU the stacked expert weights (:meth:`~dsv2viz.model.MoE.stacked_experts`) are indexed
+step's token: compiled, the stacked expert weights (:meth:`~dsv2viz.model.MoE.stacked_experts`) are indexed
 by the top-k ids and batch-multiplied (gpt-fast's Mixtral MoE; inductor fuses the gather into the
-matrix-vector products); on a CPU, where gathering weights copies them and costs more than the products,
-the eager MoE's own routine (:func:`~dsv2viz.model.routed_sum`: expert by expert over views of the stack
-for a few rows) runs inside one opaque op. Nothing in the step waits for the host. What the Recording
+matrix-vector products, so the chosen experts' weights are read in place); uncompiled, where that gather
+would copy them, see :func:`few_token_experts`. Nothing in the compiled step waits for the host. What the Recording
 asks is written, inside the step, into the Recorder's buffers at the step's position (latents are read
 from the cache afterwards, not copied), and built-in interventions come in as tables of tensors over the
 layers: changing what is recorded or intervened on changes arguments, not code. Each generation has its
@@ -59,6 +58,7 @@ from .model import (
     expert_weights,
     grouped_experts,
     grouped_mm_supported,
+    looped_routed_sum,
     routed_sum,
     top_experts,
 )
@@ -244,6 +244,7 @@ def layer_step(
     it is finite, on the device. Dense and MoE layers are compiled as two functions, each reused by
     every layer of its kind.
     """
+    _one_length(cache, rec, iv)
     x = x + _attention(block.self_attn, block.input_layernorm(x), cos, sin, pos, row, cache, plan, rec, iv)
     h = block.post_attention_layernorm(x)
     x = x + (block.mlp.swiglu(h) if stacked is None else _moe(block.mlp, h, stacked, pos, plan, rec, iv))
@@ -251,6 +252,19 @@ def layer_step(
         x = x + iv["steer"]
     rec["resid_norms"].index_copy_(0, pos, token_norms(x))
     return x, all_finite(x)
+
+
+def _one_length(cache: tuple[torch.Tensor, torch.Tensor], rec: dict[str, torch.Tensor], iv: dict[str, torch.Tensor]):
+    """Tell the compiler that every buffer indexed by position has the cache's length S, so the compiled step takes
+    one size, not one per buffer (each size costs its call a conversion to a tensor, about 7 us on a CPU)."""
+    S = cache[0].shape[1]
+    sized = [cache[1].shape[1], *(t.shape[0] for n, t in rec.items() if n not in ("heads", "attention"))]
+    if "attention" in rec:
+        sized.append(rec["attention"].shape[2])
+    if "patch_pos" in iv:
+        sized.append(iv["patch_pos"].shape[0])
+    for size in sized:
+        torch._check(size == S)
 
 
 def _attention(
@@ -326,13 +340,15 @@ def few_token_experts(
 ) -> torch.Tensor:
     """(N, D) fp32 weighted sum of each row's K chosen experts, x (N, D), idx and weights (N, K), for a few rows.
 
-    On a CPU, the eager MoE's routine in one opaque op. On a GPU, compiled: gpt-fast's gather, which inductor
-    fuses into the products; uncompiled, the eager MoE's grouped GEMMs where they run, since an uncompiled
-    gather copies the chosen experts' weights before reading them.
+    Compiled: gpt-fast's gather, which inductor fuses into the products (the chosen experts' weights are read
+    in place, not copied). Uncompiled, where a gather would copy them: on a CPU expert by expert over views of
+    the stack (:func:`~dsv2viz.model.looped_routed_sum`), on a GPU the eager MoE's grouped GEMMs where they run.
     """
+    if torch.compiler.is_compiling():
+        return gathered_routed_sum(x, idx, weights, w13, w2)
     if x.device.type == "cpu":
-        return torch.ops.dsv2viz.grouped_routed_sum(x, idx, weights, w13, w2)
-    if not torch.compiler.is_compiling() and grouped_mm_supported(x, w13.shape[2], w13.shape[1] // 2):
+        return looped_routed_sum(x, idx, weights, w13, w2)
+    if grouped_mm_supported(x, w13.shape[2], w13.shape[1] // 2):
         return routed_sum(x, idx, weights, functools.partial(grouped_experts, w13=w13, w2=w2))
     return gathered_routed_sum(x, idx, weights, w13, w2)
 
@@ -346,20 +362,6 @@ def gathered_routed_sum(
     gate, up = h.split(inter, dim=-1)
     out = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, w2[idx])  # (N, K, D)
     return (out.float() * weights[..., None]).sum(dim=1)
-
-
-@torch.library.custom_op("dsv2viz::grouped_routed_sum", mutates_args=())
-def _grouped_routed_sum(
-    x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
-) -> torch.Tensor:
-    """The eager MoE's grouped GEMMs (:func:`dsv2viz.model.routed_sum`), opaque to the compiler, which cannot
-    compile grouped GEMMs in fp32."""
-    return routed_sum(x, idx, weights, functools.partial(grouped_experts, w13=w13, w2=w2))
-
-
-@_grouped_routed_sum.register_fake
-def _(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape, dtype=torch.float32)
 
 
 # ----- compiling and running -----------------------------------------------------------------------------

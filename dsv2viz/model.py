@@ -327,8 +327,9 @@ class MoE(nn.Module):
     """DeepSeekMoE: each token goes to K of E routed experts, weighted by the router, plus shared experts.
 
     The routed experts run as two grouped GEMMs over the (token, slot) pairs sorted by expert
-    (:func:`grouped_experts`), reading each chosen expert's weights once and with no host synchronisation.
-    Their weights are stacked (:meth:`stacked_experts`; each expert's parameters are views into the stack,
+    (:func:`grouped_experts`), reading each chosen expert's weights once and with no host synchronisation;
+    on a CPU, fewer pairs than experts (a decoding step, a few-token prompt) go row by row over views of the
+    stack instead (:func:`looped_routed_sum`), since the CPU grouped GEMM visits every expert. Their weights are stacked (:meth:`stacked_experts`; each expert's parameters are views into the stack,
     so they are held once). One expert at a time, through each expert's own module, runs only when a
     per-expert hook point (``experts.{e}.hook_out``) is active, when gradients flow into the weights or
     the input, or where the device cannot run grouped GEMMs in this dtype.
@@ -351,12 +352,14 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         idx, weights = self.gate(x)  # (B, T, K) each
+        rows = (x.reshape(-1, D), idx.reshape(B * T, -1), weights.reshape(B * T, -1))  # (N, D), (N, K), (N, K)
         if self._one_expert_at_a_time(x):
-            experts: SortedExperts = self._each_expert
+            routed = routed_sum(*rows, self._each_expert)
+        elif few_rows_on_cpu(x, B * T * idx.shape[-1], len(self.experts)):
+            routed = looped_routed_sum(*rows, *self.stacked_experts())
         else:
             w13, w2 = self.stacked_experts()
-            experts = functools.partial(grouped_experts, w13=w13, w2=w2)
-        routed = routed_sum(x.reshape(-1, D), idx.reshape(B * T, -1), weights.reshape(B * T, -1), experts)
+            routed = routed_sum(*rows, functools.partial(grouped_experts, w13=w13, w2=w2))
         routed = self.hook_routed_out(routed.view(B, T, D).to(x.dtype))
         shared = self.shared_experts(x) if self.config.n_shared_experts else 0
         return self.hook_out(routed + shared)
@@ -470,23 +473,33 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, w13: torch.Tensor
     """SwiGLU of each row of x (N, D) through its own expert, rows sorted by expert_ids (N,): (N, D).
 
     Two grouped GEMMs (gate and up fused, then down) over the stacked weights (see
-    :meth:`MoE.stacked_experts`); group boundaries come from a search of the sorted ids, on the device. On a
-    CPU, fewer rows than experts (a decoding step) go expert by expert instead: torch's CPU grouped GEMM
-    visits every expert, used or not, and reading the ids costs no device synchronisation there.
+    :meth:`MoE.stacked_experts`); group boundaries come from a search of the sorted ids, on the device.
     """
     E, inter = w13.shape[0], w13.shape[1] // 2
-    if x.device.type == "cpu" and x.shape[0] < E:
-        ids, counts = expert_ids.unique_consecutive(return_counts=True)
-        outs = [_swiglu(rows, w13[e], w2[e], inter) for e, rows in zip(ids.tolist(), x.split(counts.tolist()))]
-        return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
     offs = torch.searchsorted(expert_ids, torch.arange(E, device=x.device), right=True).to(torch.int32)  # (E,)
     gate, up = F.grouped_mm(x, w13.transpose(1, 2), offs=offs).split(inter, dim=-1)  # (N, I) each
     return F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
 
 
-def _swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, inter: int) -> torch.Tensor:
-    gate, up = F.linear(x, w13).split(inter, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+def few_rows_on_cpu(x: torch.Tensor, pairs: int, experts: int) -> bool:
+    """Whether (row, expert) `pairs` are better run by :func:`looped_routed_sum`: on a CPU, fewer pairs than experts
+    (a decoding step, a short prompt), since torch's CPU grouped GEMM visits every expert, used or not."""
+    return x.device.type == "cpu" and pairs < experts
+
+
+def looped_routed_sum(
+    x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """(N, D) fp32 :func:`routed_sum` for a few rows: row by row, each chosen expert's SwiGLU on views of the stack,
+    added with its weight. No sort, gather or copy of weights; reading the ids and weights as Python numbers
+    synchronises nothing on a CPU, where this runs."""
+    inter = w13.shape[1] // 2
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for row, acc, ids, row_weights in zip(x, out, idx.tolist(), weights.tolist()):
+        for e, weight in zip(ids, row_weights):
+            gate, up = F.linear(row, w13[e]).split(inter)
+            acc.add_(F.linear(F.silu(gate) * up, w2[e]), alpha=weight)
+    return out
 
 
 class Block(nn.Module):

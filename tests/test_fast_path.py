@@ -22,7 +22,7 @@ from dsv2viz import NonFiniteError, fast_decode
 from dsv2viz import interventions as iv
 from dsv2viz.analysis.routing import router_margin
 from dsv2viz.hooks import scope
-from dsv2viz.model import MoE, grouped_experts, routed_sum
+from dsv2viz.model import MoE, grouped_experts, looped_routed_sum, routed_sum
 from dsv2viz.random_checkpoint import write_random_checkpoint
 from dsv2viz.traces import Recording
 from dsv2viz.traces.recorder import Recorder
@@ -294,16 +294,19 @@ def test_grouped_experts_equal_the_per_expert_loop(tiny_model):
     assert sum(seen) == 3 * 50 * 3 * len(model.config.moe_layers)  # every (token, slot) pair, once
 
 
-def test_the_gpu_gather_formulation_equals_the_grouped_one():
-    """gpt-fast's indexed batch-multiply (the compiled GPU step's MoE) against the grouped GEMMs, on the CPU."""
+def test_the_few_row_formulations_equal_the_grouped_one():
+    """gpt-fast's indexed batch-multiply (the compiled step's MoE) and the row-by-row loop over views of the stack
+    (the uncompiled CPU step's and the eager MoE's for a few rows) against the grouped GEMMs."""
     gen = torch.Generator().manual_seed(0)
     E, K, D, inter, N = 8, 3, 16, 12, 5
     w13, w2 = torch.randn(E, 2 * inter, D, generator=gen), torch.randn(E, D, inter, generator=gen)
     x, weights = torch.randn(N, D, generator=gen), torch.rand(N, K, generator=gen)
     idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(N)])
-    gathered = fast_decode.gathered_routed_sum(x, idx, weights, w13, w2)
     grouped = routed_sum(x, idx, weights, functools.partial(grouped_experts, w13=w13, w2=w2))
+    gathered = fast_decode.gathered_routed_sum(x, idx, weights, w13, w2)
     torch.testing.assert_close(gathered, grouped, atol=1e-5, rtol=1e-5)
+    looped = looped_routed_sum(x, idx, weights, w13, w2)
+    torch.testing.assert_close(looped, grouped, atol=1e-5, rtol=1e-5)
 
 
 def test_loaded_experts_are_views_of_one_stack_per_layer(tmp_path):
