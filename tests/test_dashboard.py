@@ -20,7 +20,7 @@ from dsv2viz import analysis, plots
 from dsv2viz.traces import Recording
 from dsv2viz.widgets import GenerationDashboard
 from dsv2viz.widgets._figure import Drawn, json_safe, notice_html
-from dsv2viz.widgets._live import STRIP_CHUNK, Streamer, TokenStrip, span_color, token_span
+from dsv2viz.widgets._live import STRIP_CHUNK, Streamer, Superseding, TokenStrip, span_color, token_span
 from dsv2viz.widgets.dashboard import INSPECT_NOTE
 
 PROMPT = [5, 6, 7, 8, 9]
@@ -374,3 +374,17 @@ def test_an_attribution_error_shows_in_the_panel_as_one_line(dash, monkeypatch):
         "attribution of position 4 failed: ValueError: attributing went wrong"
     )
     assert dash.attribution_status.value == "" and dash.status.value.startswith("generated: 12 tokens")
+
+
+def test_a_job_that_raises_does_not_stop_the_superseding_worker(caplog):
+    worker, done = Superseding("test-worker"), []
+
+    def fails(ticket: int) -> None:
+        raise RuntimeError("boom")
+
+    worker.submit(fails)
+    worker.join(10)
+    assert not worker.busy and "boom" in caplog.text  # logged, and the worker is free again
+    worker.submit(done.append)
+    worker.join(10)
+    assert done == [2]  # the next job runs

@@ -27,6 +27,7 @@ the kernel; work that follows such a selection runs in a :class:`Superseding` wo
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -288,7 +289,10 @@ class Superseding:
                     self._thread = None
                     return
                 (ticket, job), self._waiting = self._waiting, None
-            job(ticket)
+            try:
+                job(ticket)
+            except Exception:  # jobs show their own errors; one that escapes is logged and the worker goes on
+                logging.getLogger(__name__).exception("%s: a job failed", self.name)
 
 
 def newest_attention(trace: Trace, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
