@@ -332,10 +332,12 @@ def test_a_newer_selection_supersedes_and_the_dashboard_keeps_working(dash, bloc
     calls, release = blocked_attribution
     dash.run(PROMPT)
     click(dash, 3)
+    assert dash.attribution_status.value == "attribution of position 3: starting…"  # nothing ran before it
     deadline = time.monotonic() + 10
     while not calls and time.monotonic() < deadline:  # 3's attribution has started
         time.sleep(0.01)
     click(dash, 4)  # waits behind 3 ...
+    assert dash.attribution_status.value == "attribution of position 4: waiting for the one before…"
     click(dash, 6)  # ... and is replaced by 6
     # while the attribution of 3 is still running: other controls work, the strip follows the last click
     assert dash.inspect.value == 6 and dash.strip.selected == 6

@@ -412,7 +412,8 @@ class GenerationDashboard(w.VBox):
         self.strip.select(position)
         self._render_inspect()
         trace = self.trace
-        self.attribution_status.value = f"attribution of position {position}: waiting for the one before…"
+        waiting = "waiting for the one before" if self._attribution.busy else "starting"
+        self.attribution_status.value = f"attribution of position {position}: {waiting}…"
         self._attribution.submit(lambda ticket: self._attribute(ticket, trace, position))
 
     def _attribute(self, ticket: int, trace: Trace, position: int) -> None:
