@@ -3,7 +3,7 @@
     dsv2viz info PATH                       what a checkpoint holds: config, parameters, shards, KV-cache bytes per token
     dsv2viz generate [--model PATH] --prompt TEXT [--trace DIR] [--report FILE]
                                             stream a generation, record its trace, write its HTML report
-    dsv2viz report TRACE_DIR -o FILE [--model PATH [--attribution-positions 3,7]]
+    dsv2viz report TRACE_DIR -o FILE [--model PATH | --demo-model] [--attribution-positions 3,7]
                                             the HTML report of a saved trace (the model adds the logit lens and
                                             the direct logit attribution of the last token and of those positions)
     dsv2viz demo [--out DIR]                write a small random-weight checkpoint and stream a generation with its routing
@@ -158,8 +158,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     check_report_path(args.output)  # before the trace and the model are read
     trace = Trace.load(args.trace)
     positions = args.attribution_positions or []
-    check_attribution_positions(trace, positions, model_given=bool(args.model))  # before the model is loaded
-    model = load(args.model, progress=False) if args.model else None
+    given = bool(args.model) or args.demo_model
+    check_attribution_positions(trace, positions, model_given=given)  # before the model is loaded
+    model = load(args.model or None, progress=False) if given else None
     path = report(trace, args.output, model=model, attribution_positions=positions)
     print(f"report written to {visible_controls(str(path))}")
 
@@ -333,14 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write the HTML report of a saved trace")
     rep.add_argument("trace", help="a folder written by --trace or Trace.save")
     rep.add_argument("-o", "--output", required=True, help="the .html file to write")
-    rep.add_argument(
+    which = rep.add_mutually_exclusive_group()
+    which.add_argument(
         "--model", help="the checkpoint folder that recorded the trace: adds the logit lens and the attribution"
+    )
+    which.add_argument(
+        "--demo-model",
+        action="store_true",
+        help="the trace was recorded with the bundled demo model: use it as --model",
     )
     rep.add_argument(
         "--attribution-positions",
         type=_positions,
         metavar="P,Q",
-        help="also attribute the token after each of these positions (negative: from the end); needs --model",
+        help="also attribute the token after each of these positions (negative: from the end); needs a model",
     )
     rep.set_defaults(run=cmd_report)
     demo = sub.add_parser("demo", help="write a random-weight checkpoint and show its routing")

@@ -42,7 +42,8 @@ class Section:
 #: The note standing where a view that reruns the model would be.
 NEEDS_MODEL = (
     "Not computed: this view reruns the model over the trace's tokens; pass the model "
-    "(<code>dsv2viz.report(trace, path, model=model)</code>, or <code>dsv2viz report TRACE -o FILE --model PATH</code>)."
+    "(<code>dsv2viz.report(trace, path, model=model)</code>, or <code>dsv2viz report TRACE -o FILE --model PATH</code>, "
+    "<code>--demo-model</code> for a trace of the bundled demo model)."
 )
 
 
@@ -95,7 +96,9 @@ def check_attribution_positions(trace: Trace, positions: Sequence[int], *, model
     if not positions:
         return []
     if not model_given:
-        raise ValueError("attribution positions need the model, which attribution reruns: pass model= (--model PATH)")
+        raise ValueError(
+            "attribution positions need the model, which attribution reruns: pass model= (--model PATH, or --demo-model)"
+        )
     return sequence_positions(positions, len(trace))
 
 

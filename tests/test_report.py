@@ -87,7 +87,8 @@ def test_without_a_model_the_views_that_rerun_it_say_to_pass_it(trace, tmp_path)
         assert found and found[1] == f'<p class="missing">{NEEDS_MODEL}</p>', title
     note = html.unescape(re.sub(r"<[^>]+>", "", NEEDS_MODEL))
     assert note.endswith(
-        "pass the model (dsv2viz.report(trace, path, model=model), or dsv2viz report TRACE -o FILE --model PATH)."
+        "pass the model (dsv2viz.report(trace, path, model=model), or dsv2viz report TRACE -o FILE --model PATH, "
+        "--demo-model for a trace of the bundled demo model)."
     )
     assert "what wrote" not in page
 
@@ -135,3 +136,21 @@ def test_cli_report_with_attribution_positions(checkpoint, trace, tmp_path, caps
     assert parser_exit.value.code == 1
     assert "expected comma-separated whole numbers such as 3,7,-1, got '2,x'" in one_error_line(capsys)
     assert out.read_text(encoding="utf-8") == page  # no failed run touched the report
+
+
+def test_cli_report_of_a_demo_model_trace_with_demo_model(tmp_path, capsys):
+    demo = dsv2viz.load(progress=False)
+    trace = demo.generate("def 面积(w):", 4).run()
+    saved = trace.save(tmp_path / "t")
+    out = tmp_path / "r.html"
+    assert main(["report", str(saved), "-o", str(out), "--demo-model", "--attribution-positions", "2"]) == 0
+    page = out.read_text(encoding="utf-8")
+    found = re.findall(r"<h2>Direct logit attribution: what wrote “([^<]*)” after position (\d+)</h2>", page)
+    assert [int(p) for _, p in found] == [len(trace) - 2, 2]
+    expected = analysis.logit_attribution(demo, trace, 2)  # the same model, rerun here
+    assert html.unescape(found[1][0]) == visible(expected.target_text)
+    assert f"sum to the model's own logit {expected.logit:.4f}" in html.unescape(page)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # one model or the other, in argparse's one-line form
+        main(["report", str(saved), "-o", str(out), "--demo-model", "--model", str(tmp_path)])
+    assert "not allowed with argument" in one_error_line(capsys)
