@@ -290,7 +290,7 @@ def encode_prompt(model: DeepseekV2ForCausalLM, prompt: Prompt, chat: bool) -> l
         if model.tokenizer is None:
             raise ValueError("this model has no tokenizer (no tokenizer.json in its folder): pass token ids")
         if isinstance(prompt, str) and not chat:
-            return model.tokenizer.encode(prompt)
+            return model.tokenizer.encode(prompt, max_tokens=model.config.max_position_embeddings)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         return model.tokenizer.encode_chat(messages, add_generation_prompt=True)
     ids = [int(i) for i in prompt]

@@ -245,8 +245,17 @@ class Tokenizer:
     def eos_token_id(self) -> int:
         return self._eos_id
 
-    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        """Token ids for `text`; BOS first if `add_bos` (None: the config's add_bos_token), never twice."""
+    def encode(self, text: str, *, add_bos: bool | None = None, max_tokens: int | None = None) -> list[int]:
+        """Token ids for `text`; BOS first if `add_bos` (None: the config's add_bos_token), never twice.
+
+        With `max_tokens`, a text too long to fit in that many tokens is refused before it is tokenized
+        (when :attr:`max_token_bytes` bounds it; callers still check the ids' length).
+        """
+        longest = None if max_tokens is None else self.max_token_bytes
+        if longest is not None and len(text) > max_tokens * longest:  # bytes >= characters
+            raise ValueError(
+                f"a text of {len(text):,} characters has more than {max_tokens:,} tokens, the model's context: shorten it"
+            )
         ids = self._tok.encode(text, add_special_tokens=False).ids
         add = self.add_bos_token if add_bos is None else add_bos
         return [self._bos_id, *ids] if add and not text.startswith(self._bos_token) else ids

@@ -220,6 +220,18 @@ def test_a_text_is_read_as_a_generation_reads_its_plain_prompt():
     assert (by_text.logit, by_text.token_text, by_text.target) == (by_ids.logit, by_ids.token_text, by_ids.target)
 
 
+def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenized(monkeypatch):
+    demo = dsv2viz.load(progress=False)
+    longest, context = demo.tokenizer.max_token_bytes, demo.config.max_position_embeddings
+    monkeypatch.setattr(demo.tokenizer, "_tok", None)  # tokenizing now fails with AttributeError, not ValueError
+    huge = "x" * (context * longest + 1)  # more characters than the context's tokens can spell
+    message = f"a text of {len(huge):,} characters has more than {context:,} tokens, the model's context: shorten it"
+    for run in (lambda: A.logit_attribution(demo, huge), lambda: demo.generate(huge, 1)):
+        with pytest.raises(ValueError) as refused:
+            run()
+        assert str(refused.value) == message
+
+
 # ----- interventions at chosen positions ----------------------------------------------------------------
 def test_ablate_experts_and_heads_act_at_the_chosen_positions_only(model):
     ids, p, layer = torch.tensor(PROMPT), 6, 1
