@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 # Torch on one thread, here and in every process the tests start (kernels, the CLI, JupyterLab): the
@@ -159,6 +161,32 @@ def peak_rss_growth(setup: str, work: str) -> tuple[int, str]:
 
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def generate_together(runs: dict[str, Callable], timeout: float = 120) -> dict:
+    """Each generation ``runs[name]()`` makes, run to its end in its own thread, all released at once by a
+    barrier so that their steps interleave; the generations by name, or the first error any thread raised."""
+    done, errors = {}, []
+    start = threading.Barrier(len(runs), timeout=timeout)
+
+    def work(name: str) -> None:
+        try:
+            generation = runs[name]()
+            start.wait()
+            generation.run()
+            done[name] = generation
+        except Exception as e:  # raised below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors:
+        raise errors[0]
+    assert sorted(done) == sorted(runs), "a generation did not finish in time"
+    return done
 
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's, which .ci/run installs

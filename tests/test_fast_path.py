@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import generate_together
 
 import dsv2viz
 from dsv2viz import NonFiniteError, fast_decode
@@ -187,27 +187,10 @@ def test_two_threads_on_the_fast_path_get_what_each_gets_alone(tiny_model):
         ),
     }
     alone = {name: make().run() for name, make in runs.items()}
-    together, paths, errors = {}, {}, []
-    start = threading.Barrier(len(runs))
-
-    def work(name: str) -> None:
-        try:
-            gen = runs[name]()
-            start.wait()
-            together[name] = gen.run()
-            paths[name] = gen.decode_path
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(name,)) for name in runs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    assert paths == {name: "fast" for name in runs}
+    together = generate_together(runs)
+    assert {name: gen.decode_path for name, gen in together.items()} == {name: "fast" for name in runs}
     for name in runs:
-        assert together[name] == alone[name], name
+        assert together[name].trace == alone[name], name
 
 
 def test_other_hooks_send_steps_to_the_eager_path_and_see_them(tiny_model):

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 import torch
+from conftest import generate_together
 
 from dsv2viz import HookError, NonFiniteError, Sampling
 from dsv2viz import interventions as iv
@@ -74,25 +75,9 @@ def test_two_threads_generate_exactly_what_each_generates_alone(tiny_model):
         ),
     }
     alone = {name: make().run() for name, make in runs.items()}
-    together, errors = {}, []
-    start = threading.Barrier(len(runs))
-
-    def work(name: str) -> None:
-        try:
-            generation = runs[name]()
-            start.wait()
-            together[name] = generation.run()
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(name,)) for name in runs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors
+    together = generate_together(runs)
     for name in runs:
-        assert together[name] == alone[name], name
+        assert together[name].trace == alone[name], name
     assert no_hooks_left(model)
 
 
