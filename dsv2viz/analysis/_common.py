@@ -100,7 +100,7 @@ def token_sequence(model: DeepseekV2ForCausalLM, tokens: Tokens) -> tuple[torch.
         if model.tokenizer is None:
             raise ValueError("this model has no tokenizer (no tokenizer.json in its folder): pass token ids")
         tokens = model.tokenizer.encode(tokens, max_tokens=model.config.max_position_embeddings)
-    elif isinstance(tokens, (bytes, dict)) or not isinstance(tokens, (Sequence, torch.Tensor, np.ndarray)):
+    elif isinstance(tokens, bytes) or not isinstance(tokens, (Sequence, torch.Tensor, np.ndarray)):
         raise ValueError(f"pass a trace, a text or token ids; got {type(tokens).__name__}")
     try:
         ids = torch.as_tensor(tokens)
